@@ -1,0 +1,144 @@
+"""Config keys of fsaf_d2.
+
+``add_fsaf_config(cfg)`` only *adds* keys (Detectron2 plugin convention); it must run before
+``cfg.merge_from_file``. Every key is documented next to its default. Keys outside ``MODEL.FSAF`` are
+the device/AMP/data keys that stock Detectron2 lacks; they are added only when missing, so an
+upstream Detectron2 that already has one keeps its own default.
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_fsaf_config", "FSAF_VALID_CHOICES", "validate_fsaf_config"]
+
+
+def _add_if_missing(node, key, value):
+    if key not in node:
+        node[key] = value
+
+
+def add_fsaf_config(cfg):
+    """Add every fsaf_d2 key with its default to a Detectron2 ``CfgNode`` (in place)."""
+    _C = cfg
+
+    # ------------------------------------------------------------------ model: FSAF head and losses
+    _C.MODEL.FSAF = CN()
+    # number of foreground classes C (sigmoid classification, no background channel)
+    _C.MODEL.FSAF.NUM_CLASSES = 80
+    # backbone features the head runs on, finest first (strides 8..128)
+    _C.MODEL.FSAF.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # 3x3 convs in each of the two towers (shared across levels)
+    _C.MODEL.FSAF.NUM_CONVS = 4
+    # normalisation in the towers: "" (reference), "GN" or "BN" variants of detectron2's get_norm
+    _C.MODEL.FSAF.HEAD_NORM = ""
+    # classification bias init: -log((1 - p) / p)
+    _C.MODEL.FSAF.PRIOR_PROB = 0.01
+    # regression output bias init (reference 0.25 -> initial distance s on every side; paper: 0.1)
+    _C.MODEL.FSAF.REG_BIAS_INIT = 0.25
+    # sigmoid focal loss
+    _C.MODEL.FSAF.FOCAL_LOSS_ALPHA = 0.25
+    _C.MODEL.FSAF.FOCAL_LOSS_GAMMA = 2.0
+    # -log(IoU) loss: IoU clamped at this eps
+    _C.MODEL.FSAF.IOU_LOSS_EPS = 1e-6
+    # regression outputs clamped to >= this value inside the loss only
+    _C.MODEL.FSAF.REG_CLAMP_MIN = 1e-4
+    # TBLR coder normaliser S: distances are predicted in units of S * stride pixels
+    _C.MODEL.FSAF.BBOX_NORMALIZER = 4.0
+    # CenterRegion assignment: core ("effective") and shadow ("ignoring") region scales
+    _C.MODEL.FSAF.POS_SCALE = 0.2
+    _C.MODEL.FSAF.NEG_SCALE = 0.2
+    # a prior is a candidate positive if IoF(prior, core box) > MIN_POS_IOF (and its centre is in the box)
+    _C.MODEL.FSAF.MIN_POS_IOF = 0.01
+    # crowd boxes: False = dropped by the data mapper, i.e. background (reference v2, default);
+    # True = kept as ignore regions: priors whose centre is inside the crowd box shrunk by
+    # IGNORE_GT_SCALE are ignored for every class (reference v3)
+    _C.MODEL.FSAF.CROWD_AS_IGNORE = False
+    _C.MODEL.FSAF.IGNORE_GT_SCALE = 0.5
+    # loss normaliser: "exact" = number of positives after level selection in this batch on this
+    # process, falling back to the number of negatives (reference); "ema" = Detectron2 RetinaNet's EMA
+    _C.MODEL.FSAF.LOSS_NORMALIZER = "exact"
+    # inference (reference: threshold 0.05, top 1000 (location, class) pairs per level, NMS 0.5)
+    _C.MODEL.FSAF.SCORE_THRESH_TEST = 0.05
+    _C.MODEL.FSAF.TOPK_CANDIDATES_TEST = 1000
+    _C.MODEL.FSAF.NMS_THRESH_TEST = 0.5
+    # "pairs": threshold then top-k (location, class) pairs (mmdet >= 2.18, Detectron2 RetinaNet);
+    # "locations": top-k locations by their max class score, threshold afterwards (mmdet < 2.18,
+    # the rule the published 37.4 AP checkpoint was evaluated with)
+    _C.MODEL.FSAF.TOPK_RULE = "pairs"
+    # static shapes (NPU / torch.compile): pad ground truth of every image to MAX_GT boxes with a
+    # validity mask (0 = pad to the largest image of the batch, dynamic). An image with more boxes
+    # fails with an error naming this key.
+    _C.MODEL.FSAF.MAX_GT = 0
+    # combined model (paper Fig. 4): RetinaNet anchor-based outputs (MODEL.RETINANET.*, MODEL.ANCHOR_GENERATOR.*)
+    # on the same towers; total loss = anchor-based + AF_LOSS_WEIGHT * (FSAF cls + FSAF box)
+    _C.MODEL.FSAF.ANCHOR_BASED = False
+    _C.MODEL.FSAF.AF_LOSS_WEIGHT = 0.5
+
+    # FPN top block: P6 from C5 and P7 from P6. The reference has no ReLU before P7 (Detectron2 has one).
+    _C.MODEL.FSAF.TOP_BLOCK_IN_FEATURE = "res5"
+    _C.MODEL.FSAF.TOP_BLOCK_P7_RELU = False
+
+    # ------------------------------------------------------------------ input
+    # static input buckets, e.g. [[800, 1344], [1344, 800]] (H, W): every batch is padded to the
+    # smallest bucket (by area) that contains all of its images; [] = dynamic (pad to batch max / 32)
+    _add_if_missing(_C.INPUT, "FIXED_SIZES", [])
+    # "pil" (Detectron2 default, antialiased) or "cv2" (cv2.INTER_LINEAR, as mmdetection resizes)
+    _add_if_missing(_C.INPUT, "RESIZE_BACKEND", "pil")
+
+    # ------------------------------------------------------------------ solver / AMP
+    # SOLVER.AMP.PRECISION: "float16" or "bfloat16" (CPU autocast supports bfloat16 only)
+    _add_if_missing(_C.SOLVER.AMP, "PRECISION", "float16")
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE accepts "full_model": one global L2 norm over all parameters
+    # (reference: max 10), applied to unscaled gradients under AMP. "value"/"norm" keep Detectron2's
+    # per-parameter meaning.
+    # Fused SGD of torch_npu (torch_npu.optim.NpuFusedSGD) when MODEL.DEVICE is npu
+    _add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
+    # iterations excluded from the images/s figure in the training log
+    _add_if_missing(_C.SOLVER, "THROUGHPUT_WARMUP_ITERS", 5)
+
+    # ------------------------------------------------------------------ Ascend NPU runtime
+    _C.NPU = CN()
+    # torch_npu.npu.set_compile_mode(jit_compile=...): False = prebuilt binary kernels (recommended)
+    _C.NPU.JIT_COMPILE = False
+    # environment defaults set in each worker when not already set, "KEY=VALUE" strings, e.g.
+    # ["TASK_QUEUE_ENABLE=2", "CPU_AFFINITY_CONF=1", "HCCL_CONNECT_TIMEOUT=1200"]
+    _C.NPU.ENV = []
+    # allow HF32 (TF32-like) in convolutions and matmuls
+    _C.NPU.ALLOW_HF32 = True
+    return cfg
+
+
+FSAF_VALID_CHOICES = {
+    "MODEL.FSAF.LOSS_NORMALIZER": ("exact", "ema"),
+    "MODEL.FSAF.TOPK_RULE": ("pairs", "locations"),
+    "INPUT.RESIZE_BACKEND": ("pil", "cv2"),
+    "SOLVER.AMP.PRECISION": ("float16", "bfloat16", "fp16", "bf16"),
+}
+
+
+def validate_fsaf_config(cfg):
+    """Fail early, naming the key, on values fsaf_d2 cannot use."""
+    for key, choices in FSAF_VALID_CHOICES.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        if node not in choices:
+            raise ValueError(f"Invalid config value {key}={node!r}; expected one of {list(choices)}")
+    f = cfg.MODEL.FSAF
+    if f.NUM_CLASSES < 1:
+        raise ValueError(f"MODEL.FSAF.NUM_CLASSES must be >= 1, got {f.NUM_CLASSES}")
+    if not 0 < f.POS_SCALE <= f.NEG_SCALE <= 1:
+        raise ValueError(
+            f"MODEL.FSAF.POS_SCALE / NEG_SCALE must satisfy 0 < POS_SCALE <= NEG_SCALE <= 1, got "
+            f"{f.POS_SCALE} / {f.NEG_SCALE}"
+        )
+    if f.MAX_GT < 0:
+        raise ValueError(f"MODEL.FSAF.MAX_GT must be >= 0 (0 = dynamic), got {f.MAX_GT}")
+    for size in cfg.INPUT.FIXED_SIZES:
+        if len(size) != 2 or any(int(s) % 32 for s in size):
+            raise ValueError(
+                f"INPUT.FIXED_SIZES entries must be [H, W] multiples of 32, got {list(cfg.INPUT.FIXED_SIZES)}"
+            )
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE not in ("value", "norm", "full_model"):
+        raise ValueError(
+            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'value', 'norm' or 'full_model', got {clip.CLIP_TYPE!r}"
+        )

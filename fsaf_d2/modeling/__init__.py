@@ -1,0 +1,1 @@
+"""FSAF model: meta-architecture, head, backbone top block, assignment, losses, inference."""

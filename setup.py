@@ -1,0 +1,48 @@
+"""fsaf_d2: the FSAF detector (CVPR 2019) as a Detectron2 plugin.
+
+Detectron2 itself is not declared: it has no official PyPI release. ``scripts/setup_env.sh`` installs it
+(sal-detectron2 0.7.2, or keeps an upstream install); see README.md.
+"""
+import os
+
+from setuptools import find_packages, setup
+
+
+def read_version():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "fsaf_d2", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("fsaf_d2/__init__.py has no __version__")
+
+
+setup(
+    name="fsaf_d2",
+    version=read_version(),
+    description="FSAF (Feature Selective Anchor-Free) detector as a Detectron2 plugin, for CUDA, Ascend NPU and CPU",
+    packages=find_packages(exclude=("configs", "tests", "tests.*", "scripts")),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "torchvision",
+        "fvcore>=0.1.5,<0.1.6",
+        "iopath>=0.1.7,<0.1.10",
+        "pycocotools>=2.0.2",
+        "numpy",
+        "Pillow>=7.1",
+        "tqdm",
+        "tabulate",
+    ],
+    extras_require={
+        "vis": ["opencv-python-headless"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "fsaf-convert-mmdet=fsaf_d2.convert_mmdet:main",
+            "fsaf-benchmark=fsaf_d2.benchmark:main",
+            "fsaf-demo=fsaf_d2.demo:main",
+        ]
+    },
+)
