@@ -25,6 +25,9 @@ def add_fsaf_config(cfg):
     _C.MODEL.FSAF.NUM_CLASSES = 80
     # backbone features the head runs on, finest first (strides 8..128)
     _C.MODEL.FSAF.IN_FEATURES = ["p3", "p4", "p5", "p6", "p7"]
+    # one square prior of side s (the level stride) per location, centred at ((j + OFFSET) * s, (i + OFFSET) * s);
+    # the reference uses 0 (top-left corner of the cell), the paper 0.5
+    _C.MODEL.FSAF.PRIOR_OFFSET = 0.0
     # 3x3 convs in each of the two towers (shared across levels)
     _C.MODEL.FSAF.NUM_CONVS = 4
     # normalisation in the towers: "" (reference), "GN" or "BN" variants of detectron2's get_norm

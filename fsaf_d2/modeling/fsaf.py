@@ -1,0 +1,301 @@
+"""The FSAF meta-architecture (Feature Selective Anchor-Free detector, CVPR 2019)."""
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector
+from detectron2.structures import Boxes, ImageList, Instances
+from torch import Tensor, nn
+
+from .box_coder import TBLRBoxCoder
+from .head import FSAFHead
+from .inference import decode_tblr, merge_levels, select_level_candidates
+from .losses import fsaf_losses
+from .priors import PointPriors
+
+__all__ = ["FSAF", "pad_ground_truth", "choose_fixed_size"]
+
+logger = logging.getLogger(__name__)
+
+
+def pad_ground_truth(
+    instances: Sequence[Instances], num_slots: int, with_crowd: bool
+) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Stack per-image ground truth into padded tensors, on the device the instances live on.
+
+    Returns boxes (N, G, 4) float, labels (N, G) int64, valid (N, G) bool (real, non-crowd objects) and,
+    when ``with_crowd``, ignore (N, G) bool (crowd boxes, from the ``gt_is_crowd`` field).
+    """
+    n = len(instances)
+    device = instances[0].gt_boxes.tensor.device if n else torch.device("cpu")
+    boxes = torch.zeros(n, num_slots, 4, device=device)
+    labels = torch.zeros(n, num_slots, dtype=torch.int64, device=device)
+    present = torch.zeros(n, num_slots, dtype=torch.bool, device=device)
+    crowd = torch.zeros(n, num_slots, dtype=torch.bool, device=device)
+    for i, inst in enumerate(instances):  # a loop over images, not objects
+        k = len(inst)
+        boxes[i, :k] = inst.gt_boxes.tensor.float()
+        labels[i, :k] = inst.gt_classes
+        present[i, :k] = True
+        if with_crowd and inst.has("gt_is_crowd"):
+            crowd[i, :k] = inst.gt_is_crowd
+    valid = present & ~crowd
+    return boxes, labels, valid, (crowd if with_crowd else None)
+
+
+def choose_fixed_size(image_sizes: Sequence[Tuple[int, int]], fixed_sizes: Sequence[Sequence[int]]) -> Tuple[int, int]:
+    """The smallest (by area) of ``fixed_sizes`` [(H, W), ...] that contains every image of the batch."""
+    need_h = max(s[0] for s in image_sizes)
+    need_w = max(s[1] for s in image_sizes)
+    fits = [(int(h), int(w)) for h, w in fixed_sizes if h >= need_h and w >= need_w]
+    if not fits:
+        raise ValueError(
+            f"A batch with images up to {need_h}x{need_w} (HxW) fits none of INPUT.FIXED_SIZES={list(fixed_sizes)}; "
+            "add a larger size or lower INPUT.MAX_SIZE_TRAIN/TEST."
+        )
+    return min(fits, key=lambda hw: (hw[0] * hw[1], hw))
+
+
+@META_ARCH_REGISTRY.register()
+class FSAF(DenseDetector):
+    """FSAF: an anchor-free head on every FPN level, each object trained on the level where its loss
+    is lowest (online feature selection). See FSAF_SPEC.md for the reference behaviour.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        head: nn.Module,
+        head_in_features: List[str],
+        num_classes: int,
+        prior_offset: float = 0.0,
+        box_coder: TBLRBoxCoder,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        iou_loss_eps: float = 1e-6,
+        reg_clamp_min: float = 1e-4,
+        pos_scale: float = 0.2,
+        neg_scale: float = 0.2,
+        min_pos_iof: float = 0.01,
+        crowd_as_ignore: bool = False,
+        ignore_gt_scale: float = 0.5,
+        loss_normalizer: str = "exact",
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.5,
+        test_topk_rule: str = "pairs",
+        max_detections_per_image: int = 100,
+        max_gt: int = 0,
+        fixed_sizes: Sequence[Sequence[int]] = (),
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+    ):
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.num_classes = num_classes
+        shapes = backbone.output_shape()
+        self.strides = [shapes[f].stride for f in head_in_features]
+        self.priors = PointPriors(self.strides, offset=prior_offset)
+        self.box_coder = box_coder
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.iou_loss_eps = iou_loss_eps
+        self.reg_clamp_min = reg_clamp_min
+        self.pos_scale = pos_scale
+        self.neg_scale = neg_scale
+        self.min_pos_iof = min_pos_iof
+        self.crowd_as_ignore = crowd_as_ignore
+        self.ignore_gt_scale = ignore_gt_scale
+        if loss_normalizer not in ("exact", "ema"):
+            raise ValueError(f"MODEL.FSAF.LOSS_NORMALIZER must be 'exact' or 'ema', got {loss_normalizer!r}")
+        self.loss_normalizer = loss_normalizer
+        self.register_buffer("loss_normalizer_ema", torch.tensor(100.0), persistent=False)
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        if test_topk_rule not in ("pairs", "locations"):
+            raise ValueError(f"MODEL.FSAF.TOPK_RULE must be 'pairs' or 'locations', got {test_topk_rule!r}")
+        self.test_topk_rule = test_topk_rule
+        self.max_detections_per_image = max_detections_per_image
+        self.max_gt = max_gt
+        self.fixed_sizes = [tuple(int(v) for v in s) for s in fixed_sizes]
+
+    @classmethod
+    def from_config(cls, cfg):
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        f = cfg.MODEL.FSAF
+        missing = [name for name in f.IN_FEATURES if name not in backbone_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.FSAF.IN_FEATURES={list(f.IN_FEATURES)} names features the backbone does not produce: "
+                f"{missing}; it produces {sorted(backbone_shape)}"
+            )
+        feature_shapes = [backbone_shape[name] for name in f.IN_FEATURES]
+        return {
+            "backbone": backbone,
+            "head": FSAFHead(cfg, feature_shapes),
+            "head_in_features": list(f.IN_FEATURES),
+            "num_classes": f.NUM_CLASSES,
+            "prior_offset": f.PRIOR_OFFSET,
+            "box_coder": TBLRBoxCoder(f.BBOX_NORMALIZER),
+            "focal_loss_alpha": f.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": f.FOCAL_LOSS_GAMMA,
+            "iou_loss_eps": f.IOU_LOSS_EPS,
+            "reg_clamp_min": f.REG_CLAMP_MIN,
+            "pos_scale": f.POS_SCALE,
+            "neg_scale": f.NEG_SCALE,
+            "min_pos_iof": f.MIN_POS_IOF,
+            "crowd_as_ignore": f.CROWD_AS_IGNORE,
+            "ignore_gt_scale": f.IGNORE_GT_SCALE,
+            "loss_normalizer": f.LOSS_NORMALIZER,
+            "test_score_thresh": f.SCORE_THRESH_TEST,
+            "test_topk_candidates": f.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": f.NMS_THRESH_TEST,
+            "test_topk_rule": f.TOPK_RULE,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "max_gt": f.MAX_GT,
+            "fixed_sizes": cfg.INPUT.FIXED_SIZES,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
+
+    # ------------------------------------------------------------------ input
+    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        """Normalise and batch; with ``INPUT.FIXED_SIZES`` pad to a fixed bucket instead of the batch max."""
+        if not self.fixed_sizes:
+            return super().preprocess_image(batched_inputs)
+        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+        h, w = choose_fixed_size(sizes, self.fixed_sizes)
+        batched = images[0].new_zeros(len(images), images[0].shape[0], h, w)
+        for i, img in enumerate(images):
+            batched[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
+        return ImageList(batched, sizes)
+
+    def _ground_truth(self, batched_inputs: List[Dict[str, Tensor]]):
+        """Padded ground truth, built on the host and sent to the device in one non-blocking copy each."""
+        instances = [x["instances"] for x in batched_inputs]
+        most = max(len(x) for x in instances)
+        if self.max_gt > 0:
+            if most > self.max_gt:
+                raise ValueError(
+                    f"An image has {most} ground-truth boxes, more than MODEL.FSAF.MAX_GT={self.max_gt}; "
+                    "raise MODEL.FSAF.MAX_GT (or set it to 0 for dynamic shapes)."
+                )
+            slots = self.max_gt
+        else:
+            slots = max(1, most)
+        cpu_instances = [x.to("cpu") for x in instances]
+        tensors = pad_ground_truth(cpu_instances, slots, self.crowd_as_ignore)
+        return [None if t is None else self._to_device_async(t) for t in tensors]
+
+    def _to_device_async(self, t: Tensor) -> Tensor:
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        if not self.training:
+            return super().forward(batched_inputs)
+        if "instances" not in batched_inputs[0]:
+            raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
+        images = self.preprocess_image(batched_inputs)
+        features = self.backbone(images.tensor)
+        features = [features[f] for f in self.head_in_features]
+        predictions = self.head(features)
+        gt = self._ground_truth(batched_inputs)
+        return self.losses(images, features, predictions, *gt)
+
+    def forward_training(self, images, features, predictions, gt_instances):
+        gt = pad_ground_truth(
+            gt_instances, max(1, self.max_gt, max(len(x) for x in gt_instances)), self.crowd_as_ignore
+        )
+        return self.losses(images, features, predictions, *gt)
+
+    def prior_layout(self, images: ImageList, features: List[Tensor]):
+        """Priors (R, 4), prior level ids (R,), level sizes and the (N, R) valid mask of a batch."""
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        priors, prior_level, level_sizes = self.priors.grid(shapes, self.device)
+        prior_valid = self.priors.valid_mask(
+            shapes, images.image_sizes, self.backbone.size_divisibility, self.device
+        )
+        return priors, prior_level, level_sizes, prior_valid
+
+    def losses(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        gt_ignore: Optional[Tensor] = None,
+        return_details: bool = False,
+    ):
+        """FSAF losses of a batch from the head outputs and padded ground truth (see ``fsaf_losses``)."""
+        logits, deltas = predictions[0], predictions[1]
+        logits, deltas = self._transpose_dense_predictions([logits, deltas], [self.num_classes, 4])
+        priors, prior_level, level_sizes, prior_valid = self.prior_layout(images, features)
+        return fsaf_losses(
+            torch.cat(logits, dim=1),
+            torch.cat(deltas, dim=1),
+            priors,
+            level_sizes,
+            prior_level,
+            prior_valid,
+            gt_boxes,
+            gt_labels,
+            gt_valid,
+            gt_ignore=gt_ignore,
+            box_coder=self.box_coder,
+            focal_alpha=self.focal_loss_alpha,
+            focal_gamma=self.focal_loss_gamma,
+            iou_eps=self.iou_loss_eps,
+            reg_clamp_min=self.reg_clamp_min,
+            pos_scale=self.pos_scale,
+            neg_scale=self.neg_scale,
+            min_pos_iof=self.min_pos_iof,
+            ignore_gt_scale=self.ignore_gt_scale,
+            normalizer_fn=self._ema_normalizer if self.loss_normalizer == "ema" else None,
+            return_details=return_details,
+        )
+
+    def _ema_normalizer(self, num_pos: Tensor, num_neg: Tensor) -> Tensor:
+        """Detectron2 RetinaNet's normaliser (EMA of max(num_pos, 1), momentum 0.9), kept as a tensor."""
+        value = 0.9 * self.loss_normalizer_ema + 0.1 * num_pos.clamp(min=1)
+        self.loss_normalizer_ema.copy_(value)
+        return value
+
+    # ------------------------------------------------------------------ inference
+    def forward_inference(self, images: ImageList, features: List[Tensor], predictions) -> List[Instances]:
+        logits, deltas = predictions[0], predictions[1]
+        logits, deltas = self._transpose_dense_predictions([logits, deltas], [self.num_classes, 4])
+        shapes = [tuple(f.shape[-2:]) for f in features]
+        _, _, level_sizes = self.priors.grid(shapes, self.device)
+        level_priors = self.priors.level_priors(shapes, self.device)
+        results: List[Instances] = []
+        for i, image_size in enumerate(images.image_sizes):
+            per_level = []
+            for lvl_logits, lvl_deltas, lvl_priors in zip(logits, deltas, level_priors):
+                scores, loc, cls = select_level_candidates(
+                    lvl_logits[i].sigmoid(), self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule
+                )
+                boxes = decode_tblr(
+                    lvl_deltas[i][loc].float(), lvl_priors[loc], self.box_coder.normalizer, image_size
+                )
+                per_level.append((boxes, scores, cls))
+            boxes, scores, classes = merge_levels(per_level, self.test_nms_thresh, self.max_detections_per_image)
+            result = Instances(image_size)
+            result.pred_boxes = Boxes(boxes)
+            result.scores = scores
+            result.pred_classes = classes
+            results.append(result)
+        return results

@@ -1,0 +1,73 @@
+"""FSAF inference: per-level candidate selection, TBLR decoding, class-aware NMS (FSAF_SPEC.md §8)."""
+from typing import List, Tuple
+
+import torch
+from detectron2.layers import batched_nms
+from torch import Tensor
+
+__all__ = ["select_level_candidates", "decode_tblr", "nms_and_topk"]
+
+
+def select_level_candidates(
+    scores: Tensor, score_thresh: float, topk: int, rule: str = "pairs"
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pick the (location, class) candidates of one level of one image.
+
+    Args:
+        scores: (R_l, C) sigmoid scores.
+        rule: "pairs" = keep pairs with score > thresh, then the top-k pairs (mmdetection >= 2.18,
+            Detectron2's RetinaNet); "locations" = the top-k locations by their best class score, then
+            their pairs with score > thresh (mmdetection < 2.18).
+    Returns:
+        (scores (K,), location indices (K,), class indices (K,)), sorted by decreasing score.
+    """
+    num_classes = scores.shape[1]
+    if rule == "locations":
+        k = min(topk, scores.shape[0])
+        _, locations = scores.max(dim=1).values.topk(k)
+        scores = scores[locations]
+        keep = scores > score_thresh
+        flat = keep.flatten().nonzero().squeeze(1)
+        kept_scores = scores.flatten()[flat]
+        order = kept_scores.argsort(descending=True)
+        flat = flat[order]
+        return kept_scores[order], locations[flat // num_classes], flat % num_classes
+    flat_scores = scores.flatten()
+    keep = (flat_scores > score_thresh).nonzero().squeeze(1)
+    flat_scores = flat_scores[keep]
+    k = min(topk, int(keep.shape[0]))
+    top_scores, order = flat_scores.topk(k)
+    flat = keep[order]
+    return top_scores, flat // num_classes, flat % num_classes
+
+
+def decode_tblr(deltas: Tensor, priors: Tensor, normalizer: float, image_size: Tuple[int, int]) -> Tensor:
+    """deltas (K, 4) (t, b, l, r), priors (K, 4) XYXY -> boxes (K, 4) clipped to image_size (H, W)."""
+    cx = (priors[:, 0] + priors[:, 2]) * 0.5
+    cy = (priors[:, 1] + priors[:, 3]) * 0.5
+    w = (priors[:, 2] - priors[:, 0]) * normalizer
+    h = (priors[:, 3] - priors[:, 1]) * normalizer
+    x1 = (cx - deltas[:, 2] * w).clamp(min=0.0, max=float(image_size[1]))
+    y1 = (cy - deltas[:, 0] * h).clamp(min=0.0, max=float(image_size[0]))
+    x2 = (cx + deltas[:, 3] * w).clamp(min=0.0, max=float(image_size[1]))
+    y2 = (cy + deltas[:, 1] * h).clamp(min=0.0, max=float(image_size[0]))
+    return torch.stack([x1, y1, x2, y2], dim=1)
+
+
+def nms_and_topk(
+    boxes: Tensor, scores: Tensor, classes: Tensor, nms_thresh: float, max_detections: int
+) -> Tensor:
+    """Class-aware NMS, then the best ``max_detections``; returns the kept indices (sorted by score)."""
+    keep = batched_nms(boxes.float(), scores.float(), classes, nms_thresh)
+    return keep[:max_detections]
+
+
+def merge_levels(
+    per_level: List[Tuple[Tensor, Tensor, Tensor]], nms_thresh: float, max_detections: int
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Concatenate (boxes, scores, classes) of all levels (and branches), NMS, top ``max_detections``."""
+    boxes = torch.cat([x[0] for x in per_level])
+    scores = torch.cat([x[1] for x in per_level])
+    classes = torch.cat([x[2] for x in per_level])
+    keep = nms_and_topk(boxes, scores, classes, nms_thresh, max_detections)
+    return boxes[keep], scores[keep], classes[keep]
