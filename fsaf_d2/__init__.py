@@ -3,7 +3,9 @@
 Importing this package registers, in Detectron2's registries:
   * ``META_ARCH_REGISTRY["FSAF"]``            the detector (:class:`fsaf_d2.modeling.FSAF`)
   * ``BACKBONE_REGISTRY["build_fsaf_resnet_fpn_backbone"]``  ResNet+FPN with P6 from C5, P7 from P6
-  * the bundled quickstart datasets ``fsaf_quickstart_train`` / ``fsaf_quickstart_val``
+  * a ``torchvision://NAME`` path handler, so ``MODEL.WEIGHTS torchvision://resnet50`` loads
+   torchvision's ImageNet weights converted to Detectron2 names
+ * the bundled quickstart datasets ``fsaf_quickstart_train`` / ``fsaf_quickstart_val``
 """
 __version__ = "0.1.0"
 
@@ -22,5 +24,8 @@ from .config import add_fsaf_config  # noqa: E402
 from . import modeling  # noqa: E402,F401  (registers FSAF and its backbone)
 from . import data  # noqa: E402,F401  (registers the quickstart datasets)
 from .modeling import FSAF, FSAFHead  # noqa: E402
+from .weights import register_torchvision_handler  # noqa: E402
+
+register_torchvision_handler()  # MODEL.WEIGHTS torchvision://resnet50
 
 __all__ = ["add_fsaf_config", "FSAF", "FSAFHead", "__version__"]

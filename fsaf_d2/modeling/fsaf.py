@@ -1,6 +1,5 @@
 """The FSAF meta-architecture (Feature Selective Anchor-Free detector, CVPR 2019)."""
 import logging
-import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -10,7 +9,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
+from torch.autograd.profiler import record_function
 
+from .anchor_based import AnchorBasedBranch
 from .box_coder import TBLRBoxCoder
 from .head import FSAFHead
 from .inference import decode_tblr, merge_levels, select_level_candidates
@@ -93,6 +94,8 @@ class FSAF(DenseDetector):
         max_detections_per_image: int = 100,
         max_gt: int = 0,
         fixed_sizes: Sequence[Sequence[int]] = (),
+        anchor_based: Optional[nn.Module] = None,
+        af_loss_weight: float = 0.5,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -124,6 +127,9 @@ class FSAF(DenseDetector):
         self.max_detections_per_image = max_detections_per_image
         self.max_gt = max_gt
         self.fixed_sizes = [tuple(int(v) for v in s) for s in fixed_sizes]
+        # combined model: RetinaNet's anchor-based outputs on the same towers (None = FSAF only)
+        self.anchor_based = anchor_based
+        self.af_loss_weight = af_loss_weight
 
     @classmethod
     def from_config(cls, cfg):
@@ -161,6 +167,8 @@ class FSAF(DenseDetector):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_gt": f.MAX_GT,
             "fixed_sizes": cfg.INPUT.FIXED_SIZES,
+            "anchor_based": AnchorBasedBranch(cfg, feature_shapes, f.NUM_CLASSES) if f.ANCHOR_BASED else None,
+            "af_loss_weight": f.AF_LOSS_WEIGHT,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
@@ -207,18 +215,33 @@ class FSAF(DenseDetector):
             return super().forward(batched_inputs)
         if "instances" not in batched_inputs[0]:
             raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
-        images = self.preprocess_image(batched_inputs)
-        features = self.backbone(images.tensor)
-        features = [features[f] for f in self.head_in_features]
-        predictions = self.head(features)
-        gt = self._ground_truth(batched_inputs)
-        return self.losses(images, features, predictions, *gt)
+        with record_function("fsaf.preprocess"):
+            images = self.preprocess_image(batched_inputs)
+            gt = self._ground_truth(batched_inputs)
+        with record_function("fsaf.backbone"):
+            features = self.backbone(images.tensor)
+            features = [features[f] for f in self.head_in_features]
+        with record_function("fsaf.head"):
+            predictions = self.head(features)
+        gt_instances = None
+        if self.anchor_based is not None:
+            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
+        return self._total_losses(images, features, predictions, gt, gt_instances)
 
     def forward_training(self, images, features, predictions, gt_instances):
-        gt = pad_ground_truth(
-            gt_instances, max(1, self.max_gt, max(len(x) for x in gt_instances)), self.crowd_as_ignore
-        )
-        return self.losses(images, features, predictions, *gt)
+        """DenseDetector's training entry point, for callers that already hold device ``Instances``."""
+        slots = max(1, self.max_gt, max(len(x) for x in gt_instances))
+        gt = pad_ground_truth(gt_instances, slots, self.crowd_as_ignore)
+        return self._total_losses(images, features, predictions, gt, gt_instances)
+
+    def _total_losses(self, images, features, predictions, gt, gt_instances):
+        losses = self.losses(images, features, predictions, *gt)
+        if self.anchor_based is None:
+            return losses
+        # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5
+        total = self.anchor_based.training_losses(features, predictions[2], predictions[3], gt_instances)
+        total.update({k: self.af_loss_weight * v for k, v in losses.items()})
+        return total
 
     def prior_layout(self, images: ImageList, features: List[Tensor]):
         """Priors (R, 4), prior level ids (R,), level sizes and the (N, R) valid mask of a batch."""
@@ -281,9 +304,15 @@ class FSAF(DenseDetector):
         shapes = [tuple(f.shape[-2:]) for f in features]
         _, _, level_sizes = self.priors.grid(shapes, self.device)
         level_priors = self.priors.level_priors(shapes, self.device)
+        ab_candidates = None
+        if self.anchor_based is not None:
+            ab_candidates = self.anchor_based.candidates(features, predictions[2], predictions[3], images.image_sizes)
         results: List[Instances] = []
         for i, image_size in enumerate(images.image_sizes):
             per_level = []
+            if ab_candidates is not None:
+                c = ab_candidates[i]
+                per_level.append((c.pred_boxes.tensor, c.scores, c.pred_classes))
             for lvl_logits, lvl_deltas, lvl_priors in zip(logits, deltas, level_priors):
                 scores, loc, cls = select_level_candidates(
                     lvl_logits[i].sigmoid(), self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule

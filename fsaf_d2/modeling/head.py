@@ -1,6 +1,6 @@
 """FSAF head: two conv towers shared across levels, one prior per location."""
 import math
-from typing import List, Tuple
+from typing import List
 
 import torch
 from detectron2.config import configurable
@@ -93,19 +93,10 @@ class FSAFHead(nn.Module):
             "num_anchors_extra": num_anchors_extra,
         }
 
-    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
-        """features: L tensors (N, in_channels, H_l, W_l) -> (cls logits, TBLR distances) per level."""
-        logits: List[Tensor] = []
-        deltas: List[Tensor] = []
-        for feature in features:
-            cls_feat = self.cls_subnet(feature)
-            reg_feat = self.bbox_subnet(feature)
-            logits.append(self.cls_score(cls_feat))
-            deltas.append(torch.relu(self.bbox_pred(reg_feat)))
-        return logits, deltas
-
-    def forward_with_anchor_based(self, features: List[Tensor]):
-        """Like :meth:`forward`, plus RetinaNet's anchor-based logits (N, A*C, H, W) and deltas (N, 4A, H, W)."""
+    def forward(self, features: List[Tensor]) -> List[List[Tensor]]:
+        """features: L tensors (N, in_channels, H_l, W_l) -> per-level outputs
+        ``[cls logits (N, C, H, W), TBLR distances (N, 4, H, W)]``, followed, in the combined model, by
+        RetinaNet's ``[logits (N, A*C, H, W), deltas (N, 4A, H, W)]`` computed on the same towers."""
         logits: List[Tensor] = []
         deltas: List[Tensor] = []
         ab_logits: List[Tensor] = []
@@ -115,6 +106,9 @@ class FSAFHead(nn.Module):
             reg_feat = self.bbox_subnet(feature)
             logits.append(self.cls_score(cls_feat))
             deltas.append(torch.relu(self.bbox_pred(reg_feat)))
-            ab_logits.append(self.ab_cls_score(cls_feat))
-            ab_deltas.append(self.ab_bbox_pred(reg_feat))
-        return logits, deltas, ab_logits, ab_deltas
+            if self.num_anchors_extra > 0:
+                ab_logits.append(self.ab_cls_score(cls_feat))
+                ab_deltas.append(self.ab_bbox_pred(reg_feat))
+        if self.num_anchors_extra > 0:
+            return [logits, deltas, ab_logits, ab_deltas]
+        return [logits, deltas]

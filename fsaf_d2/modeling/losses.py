@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from fvcore.nn import sigmoid_focal_loss
 from torch import Tensor
+from torch.autograd.profiler import record_function
 
 from .assignment import AssignmentResult, assign_center_region
 from .box_coder import TBLRBoxCoder
@@ -71,6 +72,19 @@ def select_levels(
     cost = torch.where(count > 0, mean, torch.full_like(mean, NO_CANDIDATE_COST)).view(n, num_levels, num_gt)
     selected = cost.argmin(dim=1)
     return cost, selected
+
+
+def _dense_losses(
+    cls_logits, reg_deltas, priors, label_targets, label_weights, box_targets, positive, box_coder,
+    focal_alpha, focal_gamma, iou_eps, reg_clamp_min,
+):
+    """Weighted focal loss (N, R, C) and IoU loss of the candidate positives (N, R), unreduced."""
+    n, r = positive.shape
+    focal = sigmoid_focal_loss(cls_logits, label_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="none")
+    focal = focal * label_weights
+    pred_boxes = box_coder.apply_deltas(reg_deltas.clamp(min=reg_clamp_min), priors[None].expand(n, r, 4))
+    reg = iou_loss(pred_boxes, box_targets, iou_eps) * positive
+    return focal, reg
 
 
 @dataclass
@@ -149,7 +163,7 @@ def fsaf_losses(
     num_levels = len(level_sizes)
     num_gt = gt_boxes.shape[1]
 
-    with torch.no_grad():
+    with torch.no_grad(), record_function("fsaf.assignment"):
         assignment = assign_center_region(
             priors,
             gt_boxes,
@@ -173,13 +187,14 @@ def fsaf_losses(
         box_targets = torch.gather(gt_boxes, 1, safe_index[..., None].expand(n, r, 4))  # (N, R, 4)
 
     # dense per-element losses, computed once
-    focal = sigmoid_focal_loss(cls_logits, label_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="none")
-    focal = focal * label_weights  # (N, R, C)
-    pred_boxes = box_coder.apply_deltas(reg_deltas.clamp(min=reg_clamp_min), priors[None].expand(n, r, 4))
-    reg = iou_loss(pred_boxes, box_targets, iou_eps) * positive  # (N, R)
+    with record_function("fsaf.dense_losses"):
+        focal, reg = _dense_losses(
+            cls_logits, reg_deltas, priors, label_targets, label_weights, box_targets, positive, box_coder,
+            focal_alpha, focal_gamma, iou_eps, reg_clamp_min,
+        )
 
     # online feature selection on the detached cost
-    with torch.no_grad():
+    with torch.no_grad(), record_function("fsaf.selection"):
         prior_cost = focal.detach().sum(dim=2) + reg.detach()
         cost, selected = select_levels(prior_cost, gt_index, prior_level, num_levels, num_gt)
         selected_for_prior = torch.gather(selected, 1, safe_index)  # (N, R)
@@ -194,10 +209,11 @@ def fsaf_losses(
         else:
             normalizer = normalizer_fn(num_pos, num_neg)
 
-    cls_per_prior = (focal * cls_weights).sum(dim=2)  # (N, R)
-    reg_per_prior = reg * keep
-    cls_per_level = torch.stack([x.sum() for x in cls_per_prior.split(level_sizes, dim=1)])
-    reg_per_level = torch.stack([x.sum() for x in reg_per_prior.split(level_sizes, dim=1)])
+    with record_function("fsaf.reduce"):
+        cls_per_prior = (focal * cls_weights).sum(dim=2)  # (N, R)
+        reg_per_prior = reg * keep
+        cls_per_level = torch.stack([x.sum() for x in cls_per_prior.split(level_sizes, dim=1)])
+        reg_per_level = torch.stack([x.sum() for x in reg_per_prior.split(level_sizes, dim=1)])
     losses: Dict[str, Tensor] = {
         "loss_fsaf_cls": cls_per_level.sum() / normalizer,
         "loss_fsaf_reg": reg_per_level.sum() / normalizer,

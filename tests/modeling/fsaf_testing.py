@@ -8,11 +8,11 @@ import fsaf_d2
 CONFIG = "configs/fsaf_R50_FPN_1x.yaml"
 
 
-def tiny_cfg(**overrides):
+def tiny_cfg(config_file=CONFIG, **overrides):
     """FSAF on a ResNet-18, BN (FrozenBN with random weights diverges), 3 classes, CPU."""
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
-    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_file(config_file)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.RESNETS.DEPTH = 18

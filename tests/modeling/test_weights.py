@@ -1,0 +1,37 @@
+"""MODEL.WEIGHTS torchvision://NAME loads a locally saved torchvision state dict into the backbone."""
+import os
+
+import pytest
+import torch
+import torchvision
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+
+from fsaf_d2.weights import torchvision_weights_file
+from fsaf_testing import tiny_cfg
+
+
+def test_torchvision_weights_are_converted_and_loaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path, _ = torchvision_weights_file("resnet18")
+    assert path.startswith(str(tmp_path))
+    os.makedirs(os.path.dirname(path))
+    torch.manual_seed(3)
+    tv = torchvision.models.resnet18()
+    torch.save(tv.state_dict(), path)
+
+    cfg = tiny_cfg(**{"MODEL.RESNETS.NORM": "FrozenBN"})
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load("torchvision://resnet18")
+    bottom_up = model.backbone.bottom_up
+    assert torch.equal(bottom_up.stem.conv1.weight, tv.conv1.weight)
+    assert torch.equal(bottom_up.res5[1].conv2.weight, tv.layer4[1].conv2.weight)
+    assert torch.equal(bottom_up.res3[0].shortcut.norm.running_var, tv.layer2[0].downsample[1].running_var)
+    assert torch.equal(bottom_up.res4[0].conv1.norm.weight, tv.layer3[0].bn1.weight)
+    # the conversion is cached next to the source file
+    assert os.path.isfile(os.path.join(os.path.dirname(path), "fsaf_d2", os.path.basename(path)[:-4] + "_d2.pkl"))
+
+
+def test_unknown_torchvision_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="no model named"):
+        torchvision_weights_file("resnet5000")
