@@ -1,0 +1,551 @@
+"""Numerical parity of fsaf_d2 with mmdetection's FSAF (mmdet 2.28.2), on fixtures made by mmdet itself.
+
+The fixtures (``fixtures/mmdet_fsaf_r18.pt.xz``, written by ``make_fixtures.py`` in a scratch
+environment with mmdet installed) hold random but non-degenerate mmdet weights (ResNet-18, 64 FPN
+channels, 10 classes), synthetic batches and everything mmdet computed on them. Here the weights go
+through ``python -m fsaf_d2.convert_mmdet`` / :func:`fsaf_d2.convert_mmdet.convert_mmdet_checkpoint`
+into an fsaf_d2 model built from a config, and every stage is compared (fp32):
+
+* FPN features and head outputs (cls logits, regression after ReLU): max abs diff <= 1e-4;
+* targets: candidate positives and their object, (prior, class) label weights, box targets;
+* online feature selection: the (level, object) costs (rel. 1e-4), the selected levels (identical);
+* final positives, per-level loss sums (rel. <= 1e-4), the normaliser (exact);
+* detections (rescale=False): one-to-one, same class, IoU >= 0.999, score diff <= 1e-4.
+
+Run ``python tests/parity/test_mmdet_parity.py`` for a table of the measured differences.
+"""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mmdet_fixture import FIXTURE, load_fixture, mmdet_checkpoint, mmdet_state_dict  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HEAD_ATOL = 1e-4
+LOSS_RTOL = 1e-4
+COST_RTOL = 1e-4
+SCORE_ATOL = 1e-4
+MIN_IOU = 0.999
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(FIXTURE), reason=f"parity fixture {FIXTURE} missing")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def fsaf_cfg(fixture, **overrides):
+    """fsaf_d2 config matching the fixture's mmdet model (FSAF_SPEC section 12.2)."""
+    from detectron2.config import get_cfg
+
+    import fsaf_d2
+
+    m = fixture["model"]
+    cfg = get_cfg()
+    fsaf_d2.add_fsaf_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-FSAF.yaml"))
+    cfg.MODEL.META_ARCHITECTURE = "FSAF"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.RESNETS.DEPTH = m["depth"]
+    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.NORM = "FrozenBN"
+    cfg.MODEL.FPN.OUT_CHANNELS = m["fpn_channels"]
+    cfg.MODEL.FSAF.NUM_CLASSES = m["num_classes"]
+    cfg.MODEL.FSAF.TOP_BLOCK_P7_RELU = False
+    cfg.MODEL.FSAF.POS_SCALE = m["train_cfg"]["pos_scale"]
+    cfg.MODEL.FSAF.NEG_SCALE = m["train_cfg"]["neg_scale"]
+    cfg.MODEL.FSAF.MIN_POS_IOF = m["train_cfg"]["min_pos_iof"]
+    cfg.MODEL.FSAF.LOSS_NORMALIZER = "exact"
+    cfg.MODEL.FSAF.CROWD_AS_IGNORE = False
+    cfg.MODEL.FSAF.TOPK_RULE = "pairs"  # mmdet >= 2.18
+    cfg.MODEL.PIXEL_MEAN = list(m["pixel_mean"])
+    cfg.MODEL.PIXEL_STD = list(m["pixel_std"])
+    cfg.INPUT.FORMAT = "RGB"
+    test = m["test_cfg"]
+    cfg.MODEL.FSAF.SCORE_THRESH_TEST = test["score_thr"]
+    cfg.MODEL.FSAF.TOPK_CANDIDATES_TEST = test["nms_pre"]
+    cfg.MODEL.FSAF.NMS_THRESH_TEST = test["nms_iou"]
+    cfg.TEST.DETECTIONS_PER_IMAGE = test["max_per_img"]
+    for k, v in overrides.items():
+        node = cfg
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return cfg
+
+
+def load_converted(model, path):
+    """DetectionCheckpointer(model).load(path); returns the incompatible keys it found."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    ckpt = DetectionCheckpointer(model)
+    found = []
+    load_model = ckpt._load_model
+
+    def capture(checkpoint):
+        incompatible = load_model(checkpoint)
+        found.append(incompatible)
+        return incompatible
+
+    ckpt._load_model = capture
+    ckpt.load(path)
+    assert len(found) == 1
+    return found[0]
+
+
+def build_model(fixture, weights_path, **overrides):
+    from detectron2.modeling import build_model as d2_build_model
+
+    model = d2_build_model(fsaf_cfg(fixture, **overrides))
+    incompatible = load_converted(model, weights_path)
+    model.eval()
+    return model, incompatible
+
+
+def instances_for(case, i):
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances(tuple(case["image_sizes"][i]))
+    inst.gt_boxes = Boxes(case["gt_boxes"][i].reshape(-1, 4).float())
+    inst.gt_classes = case["gt_labels"][i].long()
+    return inst
+
+
+def batched_inputs(case, with_instances):
+    out = []
+    for i, img in enumerate(case["images_uint8"]):
+        d = {"image": img.float(), "height": img.shape[1], "width": img.shape[2]}
+        if with_instances:
+            d["instances"] = instances_for(case, i)
+        out.append(d)
+    return out
+
+
+def level_split(x, level_sizes, dim=1):
+    return list(torch.split(x, level_sizes, dim=dim))
+
+
+def rel_diff(a, b, floor=1e-6):
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return ((a - b).abs() / b.abs().clamp(min=floor)).max().item() if a.numel() else 0.0
+
+
+def box_iou(a, b):
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.maximum(a[:, None, :2], b[None, :, :2])
+    rb = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = inter / union.clamp(min=1e-12)
+    # degenerate (zero-area) boxes, e.g. clipped boxes of padding locations: equal coordinates = a match
+    same = (a[:, None, :] - b[None, :, :]).abs().amax(dim=-1) <= 1e-4
+    return torch.where(same & (union <= 1e-12), torch.ones_like(iou), iou)
+
+
+def match_detections(ours, ref):
+    """Greedy one-to-one matching (by decreasing reference score) of same-class detections.
+
+    Returns (number matched, list of unmatched reference indices, list of unmatched own indices,
+    max score diff, min IoU) over the matched pairs; ``match_detections.max_coord_diff`` holds the
+    largest box coordinate difference of the last call.
+    """
+    match_detections.max_coord_diff = 0.0
+    ob, os_, ol = ours
+    rb, rs, rl = ref
+    used = torch.zeros(len(ob), dtype=torch.bool)
+    unmatched_ref = []
+    max_dscore, min_iou = 0.0, 1.0
+    if len(rb) and len(ob):
+        iou = box_iou(rb.double(), ob.double())
+    for r in torch.argsort(rs, descending=True).tolist():
+        if not len(ob):
+            unmatched_ref.append(r)
+            continue
+        ok = (~used) & (ol == rl[r]) & (iou[r] >= MIN_IOU) & ((os_ - rs[r]).abs() <= SCORE_ATOL)
+        if not ok.any():
+            unmatched_ref.append(r)
+            continue
+        cand = torch.nonzero(ok).flatten()
+        j = cand[torch.argmax(iou[r, cand])].item()
+        used[j] = True
+        max_dscore = max(max_dscore, abs(os_[j].item() - rs[r].item()))
+        match_detections.max_coord_diff = max(match_detections.max_coord_diff, (ob[j] - rb[r]).abs().max().item())
+        min_iou = min(min_iou, iou[r, j].item())
+    return int(used.sum()), unmatched_ref, torch.nonzero(~used).flatten().tolist(), max_dscore, min_iou
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+@torch.no_grad()
+def compare_case(model, case):
+    """Run fsaf_d2 on one fixture case; returns {quantity: measured difference} and raw results."""
+    from detectron2.structures import ImageList
+
+    from fsaf_d2.modeling.fsaf import pad_ground_truth
+
+    res = {}
+    images = ImageList(case["batch"], [tuple(s) for s in case["image_sizes"]])
+    # the model's own preprocessing gives the same normalised, padded batch
+    pre = model.preprocess_image(batched_inputs(case, with_instances=False))
+    res["input max abs diff"] = (pre.tensor - case["batch"]).abs().max().item() if pre.tensor.shape == case["batch"].shape else math.inf
+    res["input image sizes equal"] = [tuple(s) for s in pre.image_sizes] == [tuple(s) for s in case["image_sizes"]]
+
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    res["FPN features max abs diff"] = max((a - b).abs().max().item() for a, b in zip(feats, case["features"]))
+    res["FPN features max rel diff"] = max(
+        ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(feats, case["features"])
+    )
+    logits, deltas = model.head(feats)
+    res["cls logits max abs diff"] = max((a - b).abs().max().item() for a, b in zip(logits, case["cls_logits"]))
+    res["reg (after ReLU) max abs diff"] = max((a - b).abs().max().item() for a, b in zip(deltas, case["bbox_reg"]))
+
+    # losses, from the same (fsaf_d2) head outputs; the reference values come from mmdet's own outputs
+    instances = [instances_for(case, i) for i in range(len(case["image_sizes"]))]
+    slots = max(1, max(len(x) for x in instances))
+    gt = pad_ground_truth(instances, slots, False)
+    losses, det = model.losses(images, feats, (logits, deltas), *gt, return_details=True)
+    shapes = [tuple(f.shape[-2:]) for f in feats]
+    level_sizes = [h * w for h, w in shapes]
+    t = case["targets"]
+    n = len(case["image_sizes"])
+    a = det.assignment
+    gt_index = level_split(a.gt_index, level_sizes)
+    positive = level_split(a.positive, level_sizes)
+    label_w = level_split(det.label_weights, level_sizes)
+    final = level_split(det.final_positive, level_sizes)
+    res["candidate positives equal"] = all(
+        torch.equal(p, r.long() >= 0) for p, r in zip(positive, t["pos_gt_inds"])
+    )
+    res["assigned objects equal"] = all(
+        torch.equal(g.long(), r.long()) for g, r in zip(gt_index, t["pos_gt_inds"])
+    )
+    res["box weights equal"] = all(torch.equal(p, r[..., 0] > 0) for p, r in zip(positive, t["bbox_weights"]))
+    res["(prior, class) label weights equal"] = all(
+        torch.equal(w > 0, r > 0) for w, r in zip(label_w, t["label_weights"])
+    )
+    # box targets: the gt box of the object fsaf_d2 assigned, vs mmdet's (absolute) box targets
+    res["box targets max abs diff"] = 0.0
+    for lvl in range(len(shapes)):
+        for i in range(n):
+            pos = t["pos_gt_inds"][lvl][i].long() >= 0
+            if pos.any():
+                ours = case["gt_boxes"][i][gt_index[lvl][i][pos].clamp(min=0)]
+                diff = (ours - t["bbox_targets"][lvl][i][pos]).abs().max().item()
+                res["box targets max abs diff"] = max(res["box targets max abs diff"], diff)
+    res["final positives equal"] = all(torch.equal(f, r) for f, r in zip(final, case["final_pos_flags"]))
+
+    # selection: fsaf_d2 (N, L, G_slots) vs mmdet (L, sum of G_i), objects in image order
+    ref_cost = case["selection"]["cost"]
+    ref_sel = case["selection"]["selected_level"]
+    cols, has_candidate = [], []
+    for i, inst in enumerate(instances):
+        for g in range(len(inst)):
+            cols.append(det.cost[i, :, g])
+            has_candidate.append(bool((det.cost[i, :, g] < 1e5).any()))
+    if cols:
+        cost = torch.stack(cols, dim=1)
+        sel = torch.stack([det.selected_level[i, g] for i, inst in enumerate(instances) for g in range(len(inst))])
+        res["no-candidate (1e6) entries equal"] = torch.equal(cost >= 1e5, ref_cost >= 1e5)
+        finite = ref_cost < 1e5
+        res["selection cost max rel diff"] = rel_diff(cost[finite], ref_cost[finite]) if finite.any() else 0.0
+        hc = torch.tensor(has_candidate)
+        res["selected levels equal (objects with candidates)"] = torch.equal(sel[hc], ref_sel[hc])
+        res["objects without any candidate"] = int((~hc).sum())
+    else:
+        res["no-candidate (1e6) entries equal"] = ref_cost.numel() == 0
+        res["selection cost max rel diff"] = 0.0
+        res["selected levels equal (objects with candidates)"] = ref_sel.numel() == 0
+        res["objects without any candidate"] = 0
+
+    L = case["losses"]
+    res["per-level cls loss sum max rel diff"] = rel_diff(det.loss_cls_per_level, L["cls_sum"])
+    res["per-level reg loss sum max rel diff"] = rel_diff(det.loss_reg_per_level, L["reg_sum"])
+    res["normaliser diff"] = abs(det.normalizer.item() - L["normalizer"].item())
+    res["num_pos diff"] = abs(det.num_pos.item() - L["num_pos"].item())
+    res["loss_fsaf_cls rel diff"] = rel_diff(losses["loss_fsaf_cls"], L["loss_cls"].sum())
+    res["loss_fsaf_reg rel diff"] = rel_diff(losses["loss_fsaf_reg"], L["loss_bbox"].sum())
+
+    # inference from the same head outputs, rescale=False: boxes in input-image coordinates
+    dets = model.forward_inference(images, feats, (logits, deltas))
+    res.update(_compare_detections(dets, case["detections"], "detections"))
+    return res
+
+
+def _compare_detections(dets, ref_dets, name):
+    res = {}
+    unmatched, worst_ds, worst_iou, count_equal, worst_coord = 0, 0.0, 1.0, True, 0.0
+    for d, r in zip(dets, ref_dets):
+        ours = (d.pred_boxes.tensor, d.scores, d.pred_classes)
+        ref = (r["boxes"], r["scores"], r["labels"])
+        _, um_ref, um_ours, ds, miou = match_detections(ours, ref)
+        unmatched += len(um_ref) + len(um_ours)
+        count_equal &= len(d) == len(r["scores"])
+        worst_ds, worst_iou = max(worst_ds, ds), min(worst_iou, miou)
+        worst_coord = max(worst_coord, match_detections.max_coord_diff)
+    res[f"{name}: counts equal"] = count_equal
+    res[f"{name}: unmatched"] = unmatched
+    res[f"{name}: max score diff"] = worst_ds
+    res[f"{name}: min IoU"] = worst_iou
+    res[f"{name}: max (1 - IoU)"] = 1.0 - worst_iou
+    res[f"{name}: max box coordinate diff (px)"] = worst_coord
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- pytest
+@pytest.fixture(scope="module")
+def fixture():
+    return load_fixture()
+
+
+@pytest.fixture(scope="module")
+def converted(fixture, tmp_path_factory):
+    """The fixture's mmdet weights converted with the library function (and saved as a .pth)."""
+    from fsaf_d2.convert_mmdet import convert_mmdet_checkpoint
+
+    out, summary = convert_mmdet_checkpoint(mmdet_checkpoint(fixture))
+    path = str(tmp_path_factory.mktemp("parity") / "fsaf_r18_converted.pth")
+    torch.save(out, path)
+    return path, summary
+
+
+@pytest.fixture(scope="module")
+def model(fixture, converted):
+    m, incompatible = build_model(fixture, converted[0])
+    return m, incompatible
+
+
+CASE_NAMES = ["batch2_mixed", "one_image_empty", "no_objects", "single_unaligned", "large_image"]
+
+
+def _case(fixture, name):
+    for c in fixture["cases"]:
+        if c["name"] == name:
+            return c
+    pytest.fail(f"fixture has no case {name!r}; regenerate it with make_fixtures.py")
+
+
+@pytest.fixture(scope="module")
+def results(fixture, model):
+    return {c["name"]: compare_case(model[0], c) for c in fixture["cases"]}
+
+
+def test_fixture_provenance(fixture):
+    v = fixture["versions"]
+    assert v["mmdet"] == "2.28.2", v
+    assert "not a reimplementation" in fixture["ground_truth"]
+    assert [c["name"] for c in fixture["cases"]] == CASE_NAMES
+
+
+def test_fixture_covers_the_hard_cases(fixture):
+    """The mmdet data exercises what the parity is meant to prove (guards future regenerations)."""
+    cases = {c["name"]: c for c in fixture["cases"]}
+    thr, topk = fixture["model"]["test_cfg"]["score_thr"], fixture["model"]["test_cfg"]["nms_pre"]
+    seen = dict(batch_padding=False, shadowed_pairs=False, ignored_non_positive=False, coarse_selection=False,
+                no_candidate=False, relu_zero=False, topk_cut=False, capped=False, below_cap=False)
+    for c in cases.values():
+        t = c["targets"]
+        for lw, pg in zip(t["label_weights"], t["pos_gt_inds"]):
+            w = lw.sum(-1)
+            seen["batch_padding"] |= bool((w == 0).any())
+            partial = (w > 0) & (w < lw.shape[-1])
+            seen["shadowed_pairs"] |= bool(partial.any())
+            seen["ignored_non_positive"] |= bool((partial & (pg < 0)).any())
+        cost, sel = c["selection"]["cost"], c["selection"]["selected_level"]
+        if cost.numel():
+            has = (cost < 1e5).any(0)
+            seen["coarse_selection"] |= bool((sel[has] >= 3).any())
+            seen["no_candidate"] |= bool((~has).any())
+        seen["relu_zero"] |= any(bool((r == 0).any()) for r in c["bbox_reg"])
+        seen["topk_cut"] |= any(int((lg[i].sigmoid() > thr).sum()) > topk for lg in c["cls_logits"] for i in range(len(lg)))
+        seen["capped"] |= any(len(d["scores"]) == fixture["model"]["test_cfg"]["max_per_img"] for d in c["detections"])
+        seen["below_cap"] |= any(0 < len(d["scores"]) < fixture["model"]["alt_test_cfg"]["max_per_img"] for d in c["detections_alt"])
+    assert all(seen.values()), seen
+    # differently sized images in one batch; an image without objects next to one with objects
+    assert cases["batch2_mixed"]["image_sizes"] == [[96, 128], [128, 96]]
+    assert [len(x) for x in cases["one_image_empty"]["gt_labels"]] == [3, 0]
+    # no objects at all: the normaliser falls back to the number of negatives
+    L = cases["no_objects"]["losses"]
+    assert L["num_pos"].item() == 0 and L["normalizer"].item() == cases["no_objects"]["targets"]["num_total_neg"]
+
+
+def test_converted_weights_load_exactly(fixture, model, converted):
+    _, incompatible = model
+    assert not incompatible.missing_keys, incompatible.missing_keys
+    assert not incompatible.unexpected_keys, incompatible.unexpected_keys
+    assert not incompatible.incorrect_shapes, incompatible.incorrect_shapes
+    # every mmdet tensor ended up in the model
+    state = model[0].state_dict()
+    sd = mmdet_state_dict(fixture)
+    for dst, src in converted[1]["mapping"].items():
+        assert torch.equal(state[dst], sd[src]), (src, dst)
+
+
+def test_cli_converts_fixture_weights(fixture, tmp_path):
+    src = tmp_path / "mmdet_fsaf_r18.pth"
+    dst = tmp_path / "converted.pth"
+    torch.save(mmdet_checkpoint(fixture), src)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsaf_d2.convert_mmdet", str(src), str(dst)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ResNet-18" in proc.stdout and "MODEL.FSAF.NUM_CLASSES: 10" in proc.stdout, proc.stdout
+    out = torch.load(dst, map_location="cpu", weights_only=True)
+    assert out["__author__"] == "mmdet" and out["matching_heuristics"] is False
+    ref, _ = __import__("fsaf_d2.convert_mmdet", fromlist=["x"]).convert_mmdet_checkpoint(mmdet_checkpoint(fixture))
+    assert list(out["model"]) == list(ref["model"])
+    assert all(torch.equal(out["model"][k], ref["model"][k]) for k in ref["model"])
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_inputs_match(results, name):
+    r = results[name]
+    assert r["input image sizes equal"]
+    assert r["input max abs diff"] <= 1e-6, r
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_head_outputs(results, name):
+    r = results[name]
+    assert r["cls logits max abs diff"] <= HEAD_ATOL, r
+    assert r["reg (after ReLU) max abs diff"] <= HEAD_ATOL, r
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_targets(results, name):
+    r = results[name]
+    assert r["candidate positives equal"], r
+    assert r["assigned objects equal"], r
+    assert r["box weights equal"], r
+    assert r["(prior, class) label weights equal"], r
+    assert r["box targets max abs diff"] == 0.0, r
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_level_selection(results, name):
+    r = results[name]
+    assert r["no-candidate (1e6) entries equal"], r
+    assert r["selection cost max rel diff"] <= COST_RTOL, r
+    assert r["selected levels equal (objects with candidates)"], r
+    assert r["final positives equal"], r
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_losses(results, name):
+    r = results[name]
+    assert r["per-level cls loss sum max rel diff"] <= LOSS_RTOL, r
+    assert r["per-level reg loss sum max rel diff"] <= LOSS_RTOL, r
+    assert r["normaliser diff"] == 0.0, r
+    assert r["num_pos diff"] == 0.0, r
+    assert r["loss_fsaf_cls rel diff"] <= LOSS_RTOL, r
+    assert r["loss_fsaf_reg rel diff"] <= LOSS_RTOL, r
+
+
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_detections(results, name):
+    r = results[name]
+    assert r["detections: unmatched"] == 0, r
+    assert r["detections: counts equal"], r
+    assert r["detections: max score diff"] <= SCORE_ATOL and r["detections: min IoU"] >= MIN_IOU, r
+
+
+def test_detections_other_test_settings(fixture, converted):
+    """A second test setting (higher threshold, per-level top-k 50): fewer than 100 detections survive."""
+    alt = fixture["model"]["alt_test_cfg"]
+    m, _ = build_model(
+        fixture,
+        converted[0],
+        **{
+            "MODEL.FSAF.SCORE_THRESH_TEST": alt["score_thr"],
+            "MODEL.FSAF.TOPK_CANDIDATES_TEST": alt["nms_pre"],
+            "MODEL.FSAF.NMS_THRESH_TEST": alt["nms_iou"],
+            "TEST.DETECTIONS_PER_IMAGE": alt["max_per_img"],
+        },
+    )
+    from detectron2.structures import ImageList
+
+    with torch.no_grad():
+        for case in fixture["cases"]:
+            images = ImageList(case["batch"], [tuple(s) for s in case["image_sizes"]])
+            feats = m.backbone(images.tensor)
+            feats = [feats[f] for f in m.head_in_features]
+            preds = m.head(feats)
+            r = _compare_detections(m.forward_inference(images, feats, preds), case["detections_alt"], "alt")
+            assert r["alt: unmatched"] == 0 and r["alt: counts equal"], (case["name"], r)
+            assert r["alt: max score diff"] <= SCORE_ATOL and r["alt: min IoU"] >= MIN_IOU, (case["name"], r)
+
+
+@pytest.mark.parametrize("name", ["batch2_mixed", "single_unaligned"])
+def test_end_to_end_training_forward(fixture, model, name):
+    """model.train()(batched_inputs) from uint8 images + Instances gives mmdet's total losses."""
+    m = model[0]
+    case = _case(fixture, name)
+    m.train()
+    try:
+        with torch.no_grad():
+            losses = m(batched_inputs(case, with_instances=True))
+    finally:
+        m.eval()
+    L = case["losses"]
+    assert rel_diff(losses["loss_fsaf_cls"], L["loss_cls"].sum()) <= LOSS_RTOL, (losses, L)
+    assert rel_diff(losses["loss_fsaf_reg"], L["loss_bbox"].sum()) <= LOSS_RTOL, (losses, L)
+
+
+@pytest.mark.parametrize("name", ["batch2_mixed", "single_unaligned", "large_image"])
+def test_end_to_end_inference(fixture, model, name):
+    """model.eval()(batched_inputs): Detectron2's postprocessing drops empty boxes (mmdet v2 keeps them,
+    e.g. boxes of batch-padding locations clipped to a zero-width strip); everything else matches."""
+    m = model[0]
+    case = _case(fixture, name)
+    with torch.no_grad():
+        outputs = m(batched_inputs(case, with_instances=False))
+    for out, ref in zip(outputs, case["detections"]):
+        inst = out["instances"]
+        b = ref["boxes"]
+        nonempty = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        kept = {k: v[nonempty] for k, v in ref.items()}
+        _, um_ref, um_ours, ds, miou = match_detections(
+            (inst.pred_boxes.tensor, inst.scores, inst.pred_classes), (kept["boxes"], kept["scores"], kept["labels"])
+        )
+        assert not um_ref and not um_ours, (len(um_ref), len(um_ours))
+        assert ds <= SCORE_ATOL and miou >= MIN_IOU
+
+
+# ---------------------------------------------------------------------------------------------- report
+def main():
+    import tempfile
+
+    from fsaf_d2.convert_mmdet import convert_mmdet_checkpoint
+
+    fx = load_fixture()
+    print(f"fixture {FIXTURE} ({os.path.getsize(FIXTURE) / 1e6:.2f} MB), made with {fx['versions']}")
+    out, _ = convert_mmdet_checkpoint(mmdet_checkpoint(fx))
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "converted.pth")
+        torch.save(out, path)
+        model, incompatible = build_model(fx, path)
+    print(f"load: missing {incompatible.missing_keys}, unexpected {incompatible.unexpected_keys}, "
+          f"shape mismatches {incompatible.incorrect_shapes}")
+    rows = {c["name"]: compare_case(model, c) for c in fx["cases"]}
+    keys = list(next(iter(rows.values())))
+    names = list(rows)
+    print("| quantity | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for k in keys:
+        vals = []
+        for n in names:
+            v = rows[n][k]
+            vals.append(f"{v:.3g}" if isinstance(v, float) else str(v))
+        print(f"| {k} | " + " | ".join(vals) + " |")
+
+
+if __name__ == "__main__":
+    main()
