@@ -1,2 +1,32 @@
-"""Data: bundled quickstart dataset, input validation, dataset mapper and loaders."""
-from .build import build_fsaf_test_loader, build_fsaf_train_loader  # noqa: F401
+"""Data: bundled quickstart dataset, input validation, dataset mapper and loaders.
+
+Importing this module registers ``fsaf_quickstart_train`` and ``fsaf_quickstart_val`` (lazily; see
+:mod:`fsaf_d2.data.datasets`).
+"""
+from .build import (  # noqa: F401
+    build_fsaf_test_loader,
+    build_fsaf_train_loader,
+    build_fsaf_train_sampler,
+    get_fsaf_train_dataset_dicts,
+)
+from .checks import (  # noqa: F401
+    DatasetNotRegisteredError,
+    ImageReadError,
+    check_dataset_files,
+    check_dataset_registered,
+    check_datasets,
+    filter_training_annotations,
+)
+from .datasets import (  # noqa: F401
+    QUICKSTART_DATASETS,
+    default_quickstart_root,
+    ensure_quickstart,
+    ensure_quickstart_for_config,
+    register_quickstart,
+    registered_quickstart_root,
+)
+from .mapper import FSAFDatasetMapper  # noqa: F401
+from .quickstart import QUICKSTART_CLASSES, dataset_statistics, generate_quickstart  # noqa: F401
+from .transforms import CV2Resize, CV2ResizeTransform  # noqa: F401
+
+register_quickstart()

@@ -1,0 +1,66 @@
+"""Helpers of the data tests (imported by the test modules; fixtures live in conftest.py)."""
+import logging
+import os
+
+from detectron2.config import get_cfg
+
+from fsaf_d2.config import add_fsaf_config
+
+
+def make_cfg(train=("fsaf_quickstart_train",), test=("fsaf_quickstart_val",), **overrides):
+    """A CPU config with fsaf_d2's keys and small inputs; ``overrides`` as {"A.B": value}."""
+    cfg = get_cfg()
+    add_fsaf_config(cfg)
+    cfg.DATASETS.TRAIN = tuple(train)
+    cfg.DATASETS.TEST = tuple(test)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.FSAF.NUM_CLASSES = 5
+    cfg.INPUT.MIN_SIZE_TRAIN = (160,)
+    cfg.INPUT.MAX_SIZE_TRAIN = 256
+    cfg.INPUT.MIN_SIZE_TEST = 160
+    cfg.INPUT.MAX_SIZE_TEST = 256
+    cfg.INPUT.FORMAT = "RGB"
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 2
+    cfg.SEED = 7
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def image_path(root, split="train", index=1):
+    return os.path.join(root, split, f"{index:06d}.jpg")
+
+
+class capture_logs:
+    """Collect the messages of one logger (works even if a parent logger does not propagate)."""
+
+    def __init__(self, name, level=logging.INFO):
+        self.logger = logging.getLogger(name)
+        self.level = level
+        self.messages = []
+
+    def __enter__(self):
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                outer.messages.append(record.getMessage())
+
+        self.handler = _Handler(self.level)
+        self.old_level = self.logger.level
+        self.logger.setLevel(min(self.level, self.logger.level or self.level))
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.old_level)
+
+    @property
+    def text(self):
+        return "\n".join(self.messages)
