@@ -36,6 +36,7 @@ setup(
     ],
     extras_require={
         "vis": ["opencv-python-headless"],
+        "export": ["onnx>=1.16", "onnxruntime>=1.17"],
         "test": ["pytest", "pytest-timeout"],
     },
     entry_points={
@@ -43,6 +44,7 @@ setup(
             "fsaf-convert-mmdet=fsaf_d2.convert_mmdet:main",
             "fsaf-benchmark=fsaf_d2.benchmark:main",
             "fsaf-demo=fsaf_d2.demo:main",
+            "fsaf-export=fsaf_d2.export:main",
         ]
     },
 )

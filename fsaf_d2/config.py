@@ -7,7 +7,7 @@ upstream Detectron2 that already has one keeps its own default.
 """
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_fsaf_config", "FSAF_VALID_CHOICES", "validate_fsaf_config"]
+__all__ = ["add_fsaf_config", "FSAF_VALID_CHOICES", "validate_fsaf_config", "apply_static_shape_defaults", "NPU_DEFAULT_MAX_GT"]
 
 
 def _add_if_missing(node, key, value):
@@ -68,7 +68,7 @@ def add_fsaf_config(cfg):
     _C.MODEL.FSAF.TOPK_RULE = "pairs"
     # static shapes (NPU / torch.compile): pad ground truth of every image to MAX_GT boxes with a
     # validity mask (0 = pad to the largest image of the batch, dynamic). An image with more boxes
-    # fails with an error naming this key.
+    # fails with an error naming this key. On npu, 0 means NPU_DEFAULT_MAX_GT (see apply_static_shape_defaults).
     _C.MODEL.FSAF.MAX_GT = 0
     # combined model (paper Fig. 4): RetinaNet anchor-based outputs (MODEL.RETINANET.*, MODEL.ANCHOR_GENERATOR.*)
     # on the same towers; total loss = anchor-based + AF_LOSS_WEIGHT * (FSAF cls + FSAF box)
@@ -81,7 +81,8 @@ def add_fsaf_config(cfg):
 
     # ------------------------------------------------------------------ input
     # static input buckets, e.g. [[800, 1344], [1344, 800]] (H, W): every batch is padded to the
-    # smallest bucket (by area) that contains all of its images; [] = dynamic (pad to batch max / 32)
+    # smallest bucket (by area) that contains all of its images; [] = dynamic (pad to batch max / 32).
+    # On npu, [] means the two orientation buckets of the resize settings (apply_static_shape_defaults).
     _add_if_missing(_C.INPUT, "FIXED_SIZES", [])
     # "pil" (Detectron2 default, antialiased) or "cv2" (cv2.INTER_LINEAR, as mmdetection resizes)
     _add_if_missing(_C.INPUT, "RESIZE_BACKEND", "pil")
@@ -96,6 +97,10 @@ def add_fsaf_config(cfg):
     _add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
     # iterations excluded from the images/s figure in the training log
     _add_if_missing(_C.SOLVER, "THROUGHPUT_WARMUP_ITERS", 5)
+    # with SEED >= 0: restart the training data stream from a seed derived from (SEED, iteration //
+    # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
+    # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
+    _add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
 
     # ------------------------------------------------------------------ Ascend NPU runtime
     _C.NPU = CN()
@@ -107,6 +112,37 @@ def add_fsaf_config(cfg):
     # allow HF32 (TF32-like) in convolutions and matmuls
     _C.NPU.ALLOW_HF32 = True
     return cfg
+
+
+NPU_DEFAULT_MAX_GT = 128
+
+
+def _ceil32(v: int) -> int:
+    return int(-(-int(v) // 32) * 32)
+
+
+def apply_static_shape_defaults(cfg):
+    """Static shapes by default on Ascend NPUs (unfrozen ``cfg``, in place; returns whether it changed).
+
+    With ``MODEL.DEVICE`` npu and no explicit choice: ``INPUT.FIXED_SIZES`` becomes the two orientation
+    buckets [short, long] and [long, short] that hold every train and test image after resizing
+    (800 / 1333 -> [[800, 1344], [1344, 800]]), and ``MODEL.FSAF.MAX_GT`` becomes ``NPU_DEFAULT_MAX_GT``.
+    Batches are grouped by orientation (``DATALOADER.ASPECT_RATIO_GROUPING``), so no image is padded to
+    the square. Other devices keep dynamic shapes unless the keys are set.
+    """
+    if not str(cfg.MODEL.DEVICE).startswith("npu"):
+        return False
+    changed = False
+    if not cfg.INPUT.FIXED_SIZES:
+        short = max(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TEST)
+        long = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+        short, long = _ceil32(short), _ceil32(max(long, short))
+        cfg.INPUT.FIXED_SIZES = [[short, long], [long, short]]
+        changed = True
+    if cfg.MODEL.FSAF.MAX_GT == 0:
+        cfg.MODEL.FSAF.MAX_GT = NPU_DEFAULT_MAX_GT
+        changed = True
+    return changed
 
 
 FSAF_VALID_CHOICES = {

@@ -1,7 +1,7 @@
 """Generator of the bundled "quickstart" dataset: coloured shapes on textured backgrounds, COCO format.
 
 The dataset lets new users train and evaluate FSAF without COCO and without a GPU. Every image holds
-1-8 filled shapes of five classes (the class is the *shape*; colours are random), of sizes from 8 px to
+1-8 filled shapes of five classes (the class is the *shape*; colours are random), of sizes from 12 px to
 half the short image side, on a noisy background with sine-grating texture and clutter lines. Objects
 may overlap (also objects of the same class) and be truncated by the image border, but every object
 keeps at least half of its pixels visible.
@@ -58,7 +58,7 @@ GENERATOR_VERSION = 1
 
 _SPLIT_CODES = {"train": 0, "val": 1}
 _IMAGE_SIDES = (128, 144, 160)  # width and height are drawn independently from these
-_MIN_OBJECT_SIZE = 8.0  # longer side of an object's box, pixels
+_MIN_OBJECT_SIZE = 12.0  # longer side of an object's box, pixels
 _MAX_OBJECTS = 8
 _SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered down (anti-aliased edges)
 _MIN_VISIBLE_FRACTION = 0.5  # every object keeps >= this fraction of its in-image pixels visible

@@ -5,7 +5,7 @@ The branch reuses Detectron2's RetinaNet pieces unchanged: its anchors (``MODEL.
 ``losses`` (focal + smooth-L1/GIoU, EMA normaliser) and per-level decoding, bound to this object so the
 behaviour is exactly Detectron2's.
 """
-from typing import List
+from typing import List, Tuple
 
 import torch
 from detectron2.layers import ShapeSpec
@@ -27,6 +27,7 @@ class AnchorBasedBranch(nn.Module):
     label_anchors = RetinaNet.label_anchors
     losses = RetinaNet.losses
     _ema_update = DenseDetector._ema_update
+    _transpose_dense_predictions = DenseDetector._transpose_dense_predictions
     _decode_per_level_predictions = DenseDetector._decode_per_level_predictions
     _decode_multi_level_predictions = DenseDetector._decode_multi_level_predictions
 
@@ -54,10 +55,12 @@ class AnchorBasedBranch(nn.Module):
         gt_labels, gt_boxes = self.label_anchors(anchors, gt_instances)
         return self.losses(anchors, pred_logits, gt_labels, pred_deltas, gt_boxes)
 
-    def _transpose(self, predictions):
-        return DenseDetector._transpose_dense_predictions(self, predictions, [self.num_classes, 4])
+    def _transpose(self, predictions: List[List[Tensor]]) -> List[List[Tensor]]:
+        return self._transpose_dense_predictions(predictions, [self.num_classes, 4])
 
-    def candidates(self, features: List[Tensor], logits: List[Tensor], deltas: List[Tensor], image_sizes):
+    def candidates(
+        self, features: List[Tensor], logits: List[Tensor], deltas: List[Tensor], image_sizes: List[Tuple[int, int]]
+    ) -> List[Instances]:
         """Per image, the thresholded top-k candidates of every level (boxes clipped), before NMS."""
         pred_logits, pred_deltas = self._transpose([logits, deltas])
         anchors = self.anchor_generator(features)

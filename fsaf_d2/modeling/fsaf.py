@@ -16,7 +16,7 @@ from .box_coder import TBLRBoxCoder
 from .head import FSAFHead
 from .inference import decode_tblr, merge_levels, select_level_candidates
 from .losses import fsaf_losses
-from .priors import PointPriors
+from .priors import PointPriors, point_prior_grid
 
 __all__ = ["FSAF", "pad_ground_truth", "choose_fixed_size"]
 
@@ -105,6 +105,9 @@ class FSAF(DenseDetector):
         self.strides = [shapes[f].stride for f in head_in_features]
         self.priors = PointPriors(self.strides, offset=prior_offset)
         self.box_coder = box_coder
+        # plain copies for the TorchScript inference path, which cannot use PointPriors / TBLRBoxCoder
+        self.prior_offset = float(prior_offset)
+        self.box_normalizer = float(box_coder.normalizer)
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.iou_loss_eps = iou_loss_eps
@@ -211,8 +214,29 @@ class FSAF(DenseDetector):
 
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        if not self.training:
+        if self.training:
+            return self._forward_train(batched_inputs)
+        if torch.jit.is_scripting():
+            return self._scripted_inference(batched_inputs)
+        else:
             return super().forward(batched_inputs)
+
+    def _scripted_inference(self, batched_inputs: List[Dict[str, Tensor]]) -> List[Instances]:
+        """``DenseDetector.forward`` at inference, for TorchScript (which cannot compile ``super()``): images
+        padded to the backbone's size divisibility (``INPUT.FIXED_SIZES`` is not supported), results in the
+        input image's pixels (no rescaling to "height" / "width"), as Detectron2's scripted dense detectors.
+        """
+        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
+        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        image_list = ImageList.from_tensors(
+            images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
+        )
+        features = self.backbone(image_list.tensor)
+        features = [features[f] for f in self.head_in_features]
+        return self.forward_inference(image_list, features, self.head(features))
+
+    @torch.jit.unused
+    def _forward_train(self, batched_inputs: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         if "instances" not in batched_inputs[0]:
             raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
         with record_function("fsaf.preprocess"):
@@ -298,18 +322,24 @@ class FSAF(DenseDetector):
         return value
 
     # ------------------------------------------------------------------ inference
-    def forward_inference(self, images: ImageList, features: List[Tensor], predictions) -> List[Instances]:
+    def forward_inference(
+        self, images: ImageList, features: List[Tensor], predictions: List[List[Tensor]]
+    ) -> List[Instances]:
         logits, deltas = predictions[0], predictions[1]
         logits, deltas = self._transpose_dense_predictions([logits, deltas], [self.num_classes, 4])
-        shapes = [tuple(f.shape[-2:]) for f in features]
-        _, _, level_sizes = self.priors.grid(shapes, self.device)
-        level_priors = self.priors.level_priors(shapes, self.device)
-        ab_candidates = None
+        shapes = [(f.shape[-2], f.shape[-1]) for f in features]
+        if torch.jit.is_scripting():  # PointPriors (cached) and TBLRBoxCoder are plain Python objects
+            level_priors = point_prior_grid(shapes, self.strides, self.prior_offset, self.device)
+            normalizer = self.box_normalizer
+        else:
+            level_priors = self.priors.level_priors(shapes, self.device)
+            normalizer = self.box_coder.normalizer
+        ab_candidates: Optional[List[Instances]] = None
         if self.anchor_based is not None:
             ab_candidates = self.anchor_based.candidates(features, predictions[2], predictions[3], images.image_sizes)
         results: List[Instances] = []
         for i, image_size in enumerate(images.image_sizes):
-            per_level = []
+            per_level: List[Tuple[Tensor, Tensor, Tensor]] = []
             if ab_candidates is not None:
                 c = ab_candidates[i]
                 per_level.append((c.pred_boxes.tensor, c.scores, c.pred_classes))
@@ -318,7 +348,7 @@ class FSAF(DenseDetector):
                     lvl_logits[i].sigmoid(), self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule
                 )
                 boxes = decode_tblr(
-                    lvl_deltas[i][loc].float(), lvl_priors[loc], self.box_coder.normalizer, image_size
+                    lvl_deltas[i][loc].float(), lvl_priors[loc], normalizer, image_size
                 )
                 per_level.append((boxes, scores, cls))
             boxes, scores, classes = merge_levels(per_level, self.test_nms_thresh, self.max_detections_per_image)

@@ -106,7 +106,7 @@ class FSAFHead(nn.Module):
             reg_feat = self.bbox_subnet(feature)
             logits.append(self.cls_score(cls_feat))
             deltas.append(torch.relu(self.bbox_pred(reg_feat)))
-            if self.num_anchors_extra > 0:
+            if hasattr(self, "ab_cls_score"):  # num_anchors_extra > 0; hasattr is resolved when scripting
                 ab_logits.append(self.ab_cls_score(cls_feat))
                 ab_deltas.append(self.ab_bbox_pred(reg_feat))
         if self.num_anchors_extra > 0:

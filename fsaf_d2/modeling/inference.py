@@ -8,6 +8,13 @@ from torch import Tensor
 __all__ = ["select_level_candidates", "decode_tblr", "nms_and_topk"]
 
 
+def _topk_count(num: int, topk: int) -> int:
+    """min(num, topk). While tracing, sizes are tensors: keep k one, so that it stays data-dependent in the graph."""
+    if isinstance(num, Tensor):
+        return torch.clamp(num, max=topk)
+    return min(num, topk)
+
+
 def select_level_candidates(
     scores: Tensor, score_thresh: float, topk: int, rule: str = "pairs"
 ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -23,8 +30,7 @@ def select_level_candidates(
     """
     num_classes = scores.shape[1]
     if rule == "locations":
-        k = min(topk, scores.shape[0])
-        _, locations = scores.max(dim=1).values.topk(k)
+        _, locations = scores.max(dim=1)[0].topk(_topk_count(scores.shape[0], topk))
         scores = scores[locations]
         keep = scores > score_thresh
         flat = keep.flatten().nonzero().squeeze(1)
@@ -35,8 +41,7 @@ def select_level_candidates(
     flat_scores = scores.flatten()
     keep = (flat_scores > score_thresh).nonzero().squeeze(1)
     flat_scores = flat_scores[keep]
-    k = min(topk, int(keep.shape[0]))
-    top_scores, order = flat_scores.topk(k)
+    top_scores, order = flat_scores.topk(_topk_count(keep.shape[0], topk))
     flat = keep[order]
     return top_scores, flat // num_classes, flat % num_classes
 

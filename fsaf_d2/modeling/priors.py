@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["PointPriors", "level_valid_extent"]
+__all__ = ["PointPriors", "level_valid_extent", "point_prior_grid"]
 
 
 def level_valid_extent(image_size: Tuple[int, int], size_divisibility: int, stride: int) -> Tuple[int, int]:
@@ -24,6 +24,22 @@ def level_valid_extent(image_size: Tuple[int, int], size_divisibility: int, stri
     padded_h = int(math.ceil(image_size[0] / d) * d)
     padded_w = int(math.ceil(image_size[1] / d) * d)
     return int(math.ceil(padded_h / stride)), int(math.ceil(padded_w / stride))
+
+
+def point_prior_grid(
+    shapes: List[Tuple[int, int]], strides: List[int], offset: float, device: torch.device
+) -> List[Tensor]:
+    """Per level, (H_l * W_l, 4) XYXY priors in row-major (i, j) order; uncached and TorchScript-compatible
+    (the scripted inference path calls it directly, :class:`PointPriors` caches it in eager mode)."""
+    out: List[Tensor] = []
+    for shape, s in zip(shapes, strides):
+        ys = (torch.arange(shape[0], dtype=torch.float32, device=device) + offset) * s
+        xs = (torch.arange(shape[1], dtype=torch.float32, device=device) + offset) * s
+        cy, cx = torch.meshgrid(ys, xs, indexing="ij")
+        cx, cy = cx.reshape(-1), cy.reshape(-1)
+        half = s / 2.0
+        out.append(torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1))
+    return out
 
 
 class PointPriors:
@@ -49,15 +65,7 @@ class PointPriors:
         """Per level, (H_l * W_l, 4) XYXY priors in row-major (i, j) order."""
 
         def build():
-            out = []
-            for (h, w), s in zip(shapes, self.strides):
-                ys = (torch.arange(h, dtype=torch.float32, device=device) + self.offset) * s
-                xs = (torch.arange(w, dtype=torch.float32, device=device) + self.offset) * s
-                cy, cx = torch.meshgrid(ys, xs, indexing="ij")
-                cx, cy = cx.reshape(-1), cy.reshape(-1)
-                half = s / 2.0
-                out.append(torch.stack([cx - half, cy - half, cx + half, cy + half], dim=1))
-            return out
+            return point_prior_grid(shapes, self.strides, self.offset, device)
 
         return self._cached(("level_priors", tuple(shapes), str(device)), build)
 

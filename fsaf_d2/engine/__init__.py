@@ -1,0 +1,47 @@
+"""Device-generic training engine of fsaf_d2: CUDA/NCCL, Ascend NPU/HCCL and CPU/gloo.
+
+Import order matters only for NPU: nothing here imports ``torch_npu`` until a device string asks for
+"npu" (see :mod:`fsaf_d2.engine.device`).
+"""
+from .checkpoint import AtomicCheckpointer, atomic_torch_save
+from .comm import create_ddp_model, patch_detectron2, unpatch_detectron2
+from .device import (
+    DeviceError,
+    apply_device_runtime,
+    dist_backend,
+    get_device_api,
+    import_torch_npu,
+    parse_device,
+    resolve_device,
+)
+from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
+from .launch import launch
+from .train_loop import DeviceTrainer, build_grad_scaler
+from .trainer import Trainer, build_config, device_from_args, pre_launch, prepare_worker, setup
+
+__all__ = [
+    "AtomicCheckpointer",
+    "DeterministicDataStream",
+    "DeviceError",
+    "DeviceMetricPrinter",
+    "DeviceTrainer",
+    "ThroughputHook",
+    "Trainer",
+    "apply_device_runtime",
+    "atomic_torch_save",
+    "build_config",
+    "build_grad_scaler",
+    "create_ddp_model",
+    "device_from_args",
+    "dist_backend",
+    "get_device_api",
+    "import_torch_npu",
+    "launch",
+    "parse_device",
+    "pre_launch",
+    "patch_detectron2",
+    "prepare_worker",
+    "resolve_device",
+    "setup",
+    "unpatch_detectron2",
+]

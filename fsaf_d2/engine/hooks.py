@@ -1,0 +1,333 @@
+"""Training hooks and writers that use the device layer instead of ``torch.cuda``.
+
+* :class:`ThroughputHook`: images/s from device-synchronized step times after a warm-up, written to the
+  EventStorage as ``throughput/images_per_sec`` (all devices) and ``throughput/images_per_sec_per_device``,
+  summarised at the end of training in the log and in ``<OUTPUT_DIR>/throughput.json``.
+* :class:`DeviceMetricPrinter`: Detectron2's console line with ``max_mem`` taken from the configured
+  device (CUDA or NPU) and the current images/s.
+* :class:`DeterministicDataStream`: restarts the training data stream from a seed derived from
+  ``(SEED, segment)`` at every checkpoint boundary, so ``--resume`` replays exactly the batches an
+  uninterrupted run would have seen.
+"""
+import json
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import numpy as np
+from detectron2.engine import HookBase
+from detectron2.utils import comm
+from detectron2.utils.env import seed_all_rng
+from detectron2.utils.events import CommonMetricPrinter, get_event_storage
+
+from .checkpoint import atomic_write_bytes
+from .device import manual_seed_all, max_memory_allocated, synchronize
+
+__all__ = [
+    "ThroughputHook",
+    "DeviceMetricPrinter",
+    "DeterministicDataStream",
+    "segment_seed",
+    "summarize_run",
+    "format_summary",
+]
+
+logger = logging.getLogger(__name__)
+
+THROUGHPUT_KEY = "throughput/images_per_sec"
+THROUGHPUT_PER_DEVICE_KEY = "throughput/images_per_sec_per_device"
+
+
+class ThroughputHook(HookBase):
+    """Measure training throughput in images/s.
+
+    Each step is timed from this hook's ``before_step`` to its ``after_step``, which first waits for the
+    device (``synchronize``) so asynchronous CUDA/NPU work is counted. The first ``warmup_iters`` steps of
+    every ``train()`` call (kernel compilation, allocator growth, data-loader start) are excluded.
+
+    Args:
+        total_batch_size: images per iteration over all processes (``SOLVER.IMS_PER_BATCH``).
+        num_devices: number of processes/devices sharing that batch (world size).
+        warmup_iters: steps excluded from the figures (``SOLVER.THROUGHPUT_WARMUP_ITERS``).
+        device_type: "cuda", "npu" or "cpu" (what to synchronize).
+        output_dir: where the main process writes ``throughput.json``; None to skip.
+    """
+
+    def __init__(
+        self,
+        total_batch_size: int,
+        num_devices: int,
+        warmup_iters: int,
+        device_type: str,
+        output_dir: Optional[str] = None,
+    ):
+        self.total_batch_size = int(total_batch_size)
+        self.num_devices = max(1, int(num_devices))
+        self.warmup_iters = max(0, int(warmup_iters))
+        self.device_type = device_type
+        self.output_dir = output_dir
+        self._step_start = None
+        self._measured_iters = 0
+        self._measured_seconds = 0.0
+        self.summary = None
+
+    def before_train(self):
+        self._measured_iters = 0
+        self._measured_seconds = 0.0
+        self.summary = None
+
+    def before_step(self):
+        self._step_start = time.perf_counter()
+
+    def after_step(self):
+        synchronize(self.device_type)
+        seconds = time.perf_counter() - self._step_start
+        done = self.trainer.iter - self.trainer.start_iter + 1
+        if done <= self.warmup_iters or seconds <= 0:
+            return
+        self._measured_iters += 1
+        self._measured_seconds += seconds
+        ips = self.total_batch_size / seconds
+        storage = self.trainer.storage
+        storage.put_scalar(THROUGHPUT_KEY, ips)
+        storage.put_scalar(THROUGHPUT_PER_DEVICE_KEY, ips / self.num_devices)
+
+    def after_train(self):
+        if self._measured_iters == 0:
+            logger.info(
+                f"[Throughput] not measured: training ran no iteration after the {self.warmup_iters} "
+                "warm-up iterations (SOLVER.THROUGHPUT_WARMUP_ITERS)"
+            )
+            return
+        sec_per_iter = self._measured_seconds / self._measured_iters
+        total = self.total_batch_size / sec_per_iter
+        self.summary = {
+            "images_per_sec": total,
+            "images_per_sec_per_device": total / self.num_devices,
+            "num_devices": self.num_devices,
+            "device_type": self.device_type,
+            "total_batch_size": self.total_batch_size,
+            "seconds_per_iter": sec_per_iter,
+            "measured_iters": self._measured_iters,
+            "warmup_iters": self.warmup_iters,
+        }
+        if not comm.is_main_process():
+            return
+        n = self.num_devices
+        logger.info(
+            f"[Throughput] {total / n:.2f} images/s per {self.device_type} device (1 card) | {total:.2f} images/s "
+            f"on {n} card{'s' if n > 1 else ''} | total batch {self.total_batch_size}, {sec_per_iter:.4f} s/iter, "
+            f"{self._measured_iters} iterations after {self.warmup_iters} warm-up"
+        )
+        if self.output_dir:
+            path = os.path.join(self.output_dir, "throughput.json")
+            atomic_write_bytes(path, (json.dumps(self.summary, indent=2) + "\n").encode())
+
+
+class DeviceMetricPrinter(CommonMetricPrinter):
+    """Detectron2's console metric line, with device memory from the configured device type.
+
+    ``CommonMetricPrinter`` only reports ``torch.cuda.max_memory_allocated``; this printer asks the
+    device layer (CUDA or NPU; nothing on CPU) and adds the smoothed images/s when available.
+
+    Args:
+        max_iter: total iterations (for the ETA).
+        device_type: "cuda", "npu" or "cpu".
+        window_size: median window for losses.
+    """
+
+    def __init__(self, max_iter: Optional[int], device_type: str, window_size: int = 20):
+        super().__init__(max_iter, window_size=window_size)
+        self.device_type = device_type
+
+    def _median(self, storage, key):
+        return storage.history(key).median(storage.count_samples(key, self._window_size))
+
+    def write(self):
+        storage = get_event_storage()
+        iteration = storage.iter
+        if iteration == self._max_iter:
+            return  # training finished: nothing new to report
+        histories = storage.histories()
+        parts = []
+        eta = self._get_eta(storage)
+        if eta:
+            parts.append(f"eta: {eta}")
+        parts.append(f"iter: {iteration}")
+        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "loss" in k]
+        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "[metric]" in k]
+        if "grad_norm" in histories:
+            parts.append(f"grad_norm: {self._median(storage, 'grad_norm'):.4g}")
+        if "time" in histories:
+            parts.append(f"time: {histories['time'].global_avg():.4f}")
+            parts.append(f"last_time: {histories['time'].latest():.4f}")
+        if "data_time" in histories:
+            n = storage.count_samples("data_time", self._window_size)
+            parts.append(f"data_time: {histories['data_time'].avg(n):.4f}")
+            parts.append(f"last_data_time: {histories['data_time'].latest():.4f}")
+        if THROUGHPUT_KEY in histories:
+            parts.append(f"images/s: {self._median(storage, THROUGHPUT_KEY):.2f}")
+        lr = f"{histories['lr'].latest():.5g}" if "lr" in histories else "N/A"
+        parts.append(f"lr: {lr}")
+        mem = max_memory_allocated(self.device_type)
+        if mem is not None:
+            # NOTE: "max_mem: <N>M" is the format Detectron2's tooling greps for
+            parts.append(f"max_mem: {mem / 1024.0 / 1024.0:.0f}M")
+        self.logger.info(" " + "  ".join(parts))
+
+
+def segment_seed(seed: int, segment: int) -> int:
+    """Seed of data segment ``segment`` of a run seeded with ``seed`` (a pure function, < 2**31)."""
+    return int(np.random.SeedSequence([int(seed), int(segment)]).generate_state(1)[0] % (2**31 - 1024))
+
+
+class DeterministicDataStream(HookBase):
+    """Make the training data stream a function of ``(SEED, iteration)``, so resuming is exact.
+
+    Detectron2's ``TrainingSampler`` restarts from the beginning of its stream when a job is resumed, and
+    the augmentation RNG state (global numpy/random/torch, or the worker seeds) is not restored either.
+    This hook splits training into segments of ``period`` iterations (the checkpoint period, so every
+    periodic checkpoint sits at a segment boundary). At the first iteration of each segment ``s`` it
+    re-seeds every RNG with ``segment_seed(seed, s) + rank`` and rebuilds the training loader with
+    ``build_loader(segment_seed(seed, s))``; both an uninterrupted run and a run resumed at that boundary
+    therefore see identical batches. A run resumed off a boundary restarts the segment and skips the
+    already consumed batches (at most ``period - 1``).
+
+    Args:
+        seed: the run's ``SEED`` (>= 0).
+        period: segment length in iterations (``SOLVER.CHECKPOINT_PERIOD``).
+        build_loader: callable ``seed -> data loader`` (the loader must draw its randomness from that seed
+            or from the freshly seeded global RNGs).
+        device_type: device whose RNGs are seeded as well.
+    """
+
+    def __init__(self, seed: int, period: int, build_loader: Callable, device_type: str):
+        if seed < 0:
+            raise ValueError("DeterministicDataStream needs SEED >= 0")
+        self.seed = int(seed)
+        self.period = max(1, int(period))
+        self.build_loader = build_loader
+        self.device_type = device_type
+
+    def _restart(self, iteration: int) -> None:
+        segment = iteration // self.period
+        seed = segment_seed(self.seed, segment)
+        seed_all_rng(seed + comm.get_rank())
+        manual_seed_all(self.device_type, seed + comm.get_rank())
+        logger.info(f"Data stream restarted for iterations {iteration}..{iteration + self.period - 1} (seed {seed})")
+        self.trainer._trainer.reset_data_loader(lambda: self.build_loader(seed))
+
+    def before_train(self):
+        start = self.trainer.start_iter
+        segment_start = (start // self.period) * self.period
+        self._restart(segment_start)
+        skip = start - segment_start
+        if skip:
+            logger.warning(
+                f"Resuming at iteration {start}, inside a data segment starting at {segment_start}: "
+                f"skipping {skip} already consumed batches"
+            )
+            loader_iter = self.trainer._trainer._data_loader_iter
+            for _ in range(skip):
+                next(loader_iter)
+
+    def before_step(self):
+        it = self.trainer.iter
+        if it != self.trainer.start_iter and it % self.period == 0:
+            self._restart(it)
+
+
+# ---------------------------------------------------------------------------------------------- run summary
+
+
+def _last_copypaste_ap(log_path: str) -> Optional[dict]:
+    """The last ``copypaste:`` AP table of a Detectron2 log (written by every evaluation)."""
+    header = values = None
+    try:
+        with open(log_path) as f:
+            lines = [line.split("copypaste: ", 1)[1].strip() for line in f if "copypaste: " in line]
+    except OSError:
+        return None
+    for i, line in enumerate(lines[:-1]):
+        if line.startswith("AP,"):
+            header, values = line.split(","), lines[i + 1].split(",")
+    if header is None:
+        return None
+    try:
+        return {k: float(v) for k, v in zip(header, values)}
+    except ValueError:
+        return None
+
+
+def summarize_run(output_dir: str, prefer_log: bool = False) -> dict:
+    """Throughput and box AP of a finished run in ``output_dir``.
+
+    Reads ``throughput.json`` (written by :class:`ThroughputHook`), the last ``bbox/*`` entry of
+    ``metrics.json``, and falls back to the last ``copypaste`` AP table of ``log.txt`` (``--eval-only``
+    runs write no metrics.json entry).
+
+    Args:
+        output_dir: the run's ``OUTPUT_DIR``.
+        prefer_log: take the AP from the log's last evaluation even if metrics.json has one (for
+            ``--eval-only`` runs in a training directory).
+
+    Returns:
+        dict with optional keys ``throughput`` (the throughput.json content) and ``bbox`` (AP metrics).
+    """
+    out = {}
+    tp = os.path.join(output_dir, "throughput.json")
+    if os.path.exists(tp):
+        with open(tp) as f:
+            out["throughput"] = json.load(f)
+    if prefer_log:
+        ap = _last_copypaste_ap(os.path.join(output_dir, "log.txt"))
+        if ap:
+            out["bbox"] = ap
+    metrics = os.path.join(output_dir, "metrics.json")
+    if "bbox" not in out and os.path.exists(metrics):
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                bbox = {k.split("/", 1)[1]: v for k, v in entry.items() if k.startswith("bbox/")}
+                if bbox:
+                    out["bbox"] = bbox
+    if "bbox" not in out:
+        ap = _last_copypaste_ap(os.path.join(output_dir, "log.txt"))
+        if ap:
+            out["bbox"] = ap
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable lines for :func:`summarize_run` (the end of the train_*.sh scripts)."""
+    lines = []
+    tp = summary.get("throughput")
+    if tp:
+        n = tp["num_devices"]
+        lines.append(
+            f"FPS: {tp['images_per_sec_per_device']:.2f} images/s per {tp['device_type']} device (1 card) / "
+            f"{tp['images_per_sec']:.2f} images/s on {n} card{'s' if n > 1 else ''} "
+            f"(total batch {tp['total_batch_size']}, {tp['seconds_per_iter']:.4f} s/iter, "
+            f"{tp['measured_iters']} iterations after {tp['warmup_iters']} warm-up)"
+        )
+    else:
+        lines.append("FPS: not available (no throughput.json: training did not run past the warm-up)")
+    bbox = summary.get("bbox")
+    if bbox:
+        keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox]
+        lines.append("bbox " + "  ".join(f"{k}: {float(bbox[k]):.2f}" for k in keys))
+    else:
+        lines.append("AP: not available (no evaluation results)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m fsaf_d2.engine.hooks OUTPUT_DIR
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m fsaf_d2.engine.hooks OUTPUT_DIR")
+    print(format_summary(summarize_run(sys.argv[1])))

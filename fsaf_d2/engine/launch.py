@@ -1,0 +1,265 @@
+"""Multi-process launcher for every device type: spawn, or pick up a torchrun environment.
+
+:func:`launch` replaces ``detectron2.engine.launch`` (which picks NCCL/GLOO from ``torch.cuda`` and only
+spawns). Per worker it:
+
+1. selects the worker's device (``set_device(local_rank)``) **before** ``init_process_group``;
+2. initialises the process group with the device's backend (cuda -> nccl, npu -> hccl, cpu -> gloo);
+3. creates Detectron2's per-machine process group, so ``comm.get_local_rank()`` works;
+4. calls ``main_func(*args)`` and tears the process group down afterwards.
+
+Two ways to start workers:
+
+* spawn (default): ``launch(main, num_gpus_per_machine=N, ...)`` starts N local processes per machine.
+* torchrun / any launcher that exports ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` (and ``MASTER_ADDR``,
+  ``MASTER_PORT``): the current process is one worker; nothing is spawned. The workers per machine come
+  from ``LOCAL_WORLD_SIZE``; launchers that do not export it need ``--num-gpus`` (else all ranks are
+  assumed to share one machine).
+"""
+import logging
+import os
+import socket
+from datetime import timedelta
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.utils import comm
+
+from .device import DeviceError, check_device_available, dist_backend, parse_device, set_device
+
+__all__ = ["DEFAULT_TIMEOUT", "launch", "torchrun_env", "init_distributed", "create_local_process_group"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+logger = logging.getLogger(__name__)
+
+_TORCHRUN_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def _find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env() -> Optional[dict]:
+    """The distributed environment exported by torchrun (or a compatible launcher), or None.
+
+    Returns:
+        dict with int ``rank``, ``local_rank``, ``world_size``, ``local_world_size`` (None if
+        ``LOCAL_WORLD_SIZE`` is not exported) and str ``master_addr`` / ``master_port`` (None if unset);
+        None when ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE`` are not all set.
+    """
+    if not all(k in os.environ for k in _TORCHRUN_KEYS):
+        return None
+    try:
+        env = {k.lower(): int(os.environ[k]) for k in _TORCHRUN_KEYS}
+        lws = os.environ.get("LOCAL_WORLD_SIZE")
+        env["local_world_size"] = int(lws) if lws else None
+    except ValueError as e:
+        raise ValueError(f"Malformed torchrun environment (RANK/LOCAL_RANK/WORLD_SIZE/LOCAL_WORLD_SIZE): {e}")
+    env["master_addr"] = os.environ.get("MASTER_ADDR")
+    env["master_port"] = os.environ.get("MASTER_PORT")
+    return env
+
+
+def create_local_process_group(num_workers_per_machine: int) -> None:
+    """Create Detectron2's per-machine process group (needed by ``comm.get_local_rank``/``get_local_size``).
+
+    Uses ``comm.create_local_process_group`` when the installed Detectron2 has it (HEAD, 0.7.x), and
+    otherwise (v0.6) builds the groups and sets ``comm._LOCAL_PROCESS_GROUP`` itself. Collective: every
+    rank must call it.
+    """
+    if hasattr(comm, "create_local_process_group"):
+        comm.create_local_process_group(num_workers_per_machine)
+        return
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    if world_size % num_workers_per_machine:
+        raise ValueError(f"world size {world_size} is not a multiple of {num_workers_per_machine} workers/machine")
+    for m in range(world_size // num_workers_per_machine):
+        ranks = list(range(m * num_workers_per_machine, (m + 1) * num_workers_per_machine))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            comm._LOCAL_PROCESS_GROUP = group
+
+
+def init_distributed(
+    device_type: str,
+    *,
+    rank: int,
+    local_rank: int,
+    world_size: int,
+    local_world_size: int,
+    init_method: Optional[str] = None,
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Initialise one distributed worker (device first, then the process group, then the local group).
+
+    Args:
+        device_type: "cpu", "cuda" or "npu" (decides the backend: gloo, nccl, hccl).
+        rank, local_rank, world_size, local_world_size: this worker's coordinates.
+        init_method: ``tcp://host:port`` / ``file://...``; None or "env://" reads MASTER_ADDR/MASTER_PORT.
+        timeout: process-group timeout.
+    """
+    if device_type != "cpu":
+        # Must precede init_process_group: NCCL/HCCL bind the communicator to the current device.
+        set_device(device_type, local_rank)
+    elif local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        # N CPU workers on one machine: share the cores instead of oversubscribing them N times.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    backend = dist_backend(device_type)
+    try:
+        dist.init_process_group(
+            backend=backend,
+            init_method=init_method or "env://",
+            world_size=world_size,
+            rank=rank,
+            timeout=timeout,
+        )
+    except Exception:
+        logger.error(
+            f"init_process_group(backend={backend!r}, init_method={init_method or 'env://'!r}, rank={rank}, "
+            f"world_size={world_size}) failed"
+        )
+        raise
+    create_local_process_group(local_world_size)
+    # A first barrier catches unreachable peers now rather than at the first collective of training.
+    comm.synchronize()
+
+
+def _worker(
+    local_rank: int,
+    main_func: Callable,
+    device_type: str,
+    world_size: int,
+    local_world_size: int,
+    machine_rank: int,
+    init_method: str,
+    args: tuple,
+    timeout: timedelta,
+):
+    rank = machine_rank * local_world_size + local_rank
+    return _run_in_process_group(
+        main_func,
+        args,
+        device_type,
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        init_method=init_method,
+        timeout=timeout,
+    )
+
+
+def _run_in_process_group(main_func: Callable, args: tuple, device_type: str, **init_kwargs):
+    """``init_distributed(device_type, **init_kwargs)``, run ``main_func(*args)``, destroy the group."""
+    init_distributed(device_type, **init_kwargs)
+    try:
+        return main_func(*args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: tuple = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+    device_type: str = "cuda",
+):
+    """Run ``main_func(*args)`` in one or more workers of ``device_type``.
+
+    Args:
+        main_func: the per-worker entry point (picklable: a module-level function).
+        num_gpus_per_machine: worker processes per machine (one per device on cuda/npu); ignored under
+            torchrun, whose ``LOCAL_WORLD_SIZE``/``WORLD_SIZE`` win.
+        num_machines, machine_rank: multi-machine spawn jobs (one ``launch`` per machine).
+        dist_url: ``tcp://IP:PORT`` of machine 0 (required for multi-machine spawn), ``file://...``, or
+            "auto" (a free port on localhost, single machine only). Under torchrun, MASTER_ADDR/MASTER_PORT
+            (``env://``) win and dist_url is used only when they are not exported.
+        args: arguments of ``main_func``.
+        timeout: process-group timeout.
+        device_type: "cpu", "cuda" or "npu", or a full device spec such as "cuda:0" (its index is only
+            allowed with a single worker). Decides the backend and the device each worker selects.
+
+    Returns:
+        ``main_func``'s return value when it runs in this process (single process or torchrun), else None.
+    """
+    dtype, index = parse_device(device_type)
+    env = torchrun_env()
+    if env is not None:
+        return _launch_from_env(main_func, dtype, index, env, num_gpus_per_machine, dist_url, args, timeout)
+
+    if num_gpus_per_machine < 1 or num_machines < 1:
+        raise ValueError(f"--num-gpus and --num-machines must be >= 1, got {num_gpus_per_machine}, {num_machines}")
+    world_size = num_machines * num_gpus_per_machine
+    check_device_available(device_type, num_local_workers=num_gpus_per_machine)
+
+    if world_size == 1:
+        if index is not None:
+            set_device(dtype, index)
+        return main_func(*args)
+
+    if dist_url is None or dist_url == "auto":
+        if num_machines > 1:
+            raise ValueError("Multi-machine jobs need an explicit --dist-url tcp://<machine-0 IP>:<port>")
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    if num_machines > 1 and dist_url.startswith("file://"):
+        logger.warning("file:// init is unreliable across machines; prefer tcp://")
+    mp.start_processes(
+        _worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, dtype, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+        start_method="spawn",
+    )
+    return None
+
+
+def _launch_from_env(main_func, dtype, index, env, num_gpus_per_machine, dist_url, args, timeout):
+    """Run this process as one worker of a torchrun-style job (see :func:`torchrun_env`)."""
+    world_size, rank, local_rank = env["world_size"], env["rank"], env["local_rank"]
+    local_world_size = env["local_world_size"]
+    if local_world_size is None:
+        # Launchers without LOCAL_WORLD_SIZE: --num-gpus (> 1) gives the workers per machine; otherwise all
+        # ranks are taken to run on this machine.
+        use_flag = num_gpus_per_machine > 1 and world_size % num_gpus_per_machine == 0
+        local_world_size = num_gpus_per_machine if use_flag else world_size
+    if not 0 <= local_rank < local_world_size or not 0 <= rank < world_size:
+        raise ValueError(f"Inconsistent distributed environment: {env}")
+    if index is not None and local_world_size > 1:
+        raise DeviceError(
+            f"MODEL.DEVICE {dtype}:{index} names one device, but {local_world_size} workers run on this machine; "
+            f"use MODEL.DEVICE {dtype}"
+        )
+    if num_gpus_per_machine not in (1, local_world_size):
+        logger.warning(
+            f"--num-gpus {num_gpus_per_machine} ignored: torchrun started {local_world_size} workers on this machine"
+        )
+    check_device_available(dtype, num_local_workers=local_world_size)
+    if env["master_addr"] and env["master_port"]:
+        # torchrun's rendezvous address wins over --dist-url (whose default is a localhost URL).
+        dist_url = "env://"
+    elif dist_url in (None, "auto", "env://"):
+        raise ValueError(
+            "RANK/LOCAL_RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not: start with torchrun, "
+            "export both, or pass --dist-url tcp://<rank-0 host>:<port>"
+        )
+    return _run_in_process_group(
+        main_func,
+        args,
+        dtype,
+        rank=rank,
+        local_rank=local_rank if index is None else index,
+        world_size=world_size,
+        local_world_size=local_world_size,
+        init_method=dist_url,
+        timeout=timeout,
+    )

@@ -1,0 +1,198 @@
+"""Device-generic training step, with or without AMP, and global-norm gradient clipping.
+
+Detectron2's ``AMPTrainer`` asserts ``torch.cuda.is_available()`` and uses ``torch.cuda.amp``, so it
+cannot run on NPU or CPU. :class:`DeviceTrainer` is a ``SimpleTrainer`` whose ``run_step``:
+
+1. reads a batch (``data_time``), runs the model under ``torch.autocast(device_type, dtype)`` when AMP
+   is on;
+2. backpropagates the (scaled) loss; logs losses / ``data_time`` through Detectron2's EventStorage;
+3. optionally clips the **global** L2 norm of all gradients (``SOLVER.CLIP_GRADIENTS.CLIP_TYPE:
+   "full_model"``) after unscaling them, so the threshold refers to true gradients;
+4. steps the optimizer through the grad scaler (which skips steps with inf/NaN gradients).
+
+Checkpoints keep the scaler state under ``"grad_scaler"`` in the trainer state, as ``AMPTrainer`` does.
+"""
+import logging
+import time
+from typing import Optional
+
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils.events import get_event_storage
+
+from .device import DeviceError, import_torch_npu
+
+__all__ = ["parse_precision", "build_grad_scaler", "DeviceTrainer"]
+
+logger = logging.getLogger(__name__)
+
+_PRECISIONS = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_precision(name: str) -> torch.dtype:
+    """``SOLVER.AMP.PRECISION`` ("float16"/"fp16" or "bfloat16"/"bf16") as a torch dtype."""
+    try:
+        return _PRECISIONS[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"SOLVER.AMP.PRECISION must be float16 or bfloat16, got {name!r}") from None
+
+
+def check_amp_support(device_type: str, precision: torch.dtype) -> None:
+    """Fail early, naming the config keys, for AMP settings the device cannot run.
+
+    * CPU autocast is used with bfloat16 only: float16 on CPU raises (no silent change of precision).
+    * NPU bfloat16 needs a chip that supports it (``torch_npu.npu.is_bf16_supported()``, Atlas A2/A3).
+    """
+    if device_type == "cpu" and precision == torch.float16:
+        raise ValueError(
+            "SOLVER.AMP.ENABLED with SOLVER.AMP.PRECISION float16 is not supported on MODEL.DEVICE cpu: CPU "
+            "autocast is only fast and reliable in bfloat16. Set SOLVER.AMP.PRECISION bfloat16 (or disable AMP)."
+        )
+    if device_type == "npu" and precision == torch.bfloat16:
+        npu = import_torch_npu().npu
+        check = getattr(npu, "is_bf16_supported", None)
+        if check is not None and not check():
+            raise DeviceError(
+                "SOLVER.AMP.PRECISION bfloat16 requested, but this NPU does not support bfloat16 "
+                "(torch_npu.npu.is_bf16_supported() is False); use float16."
+            )
+
+
+def build_grad_scaler(device_type: str, enabled: bool, precision: torch.dtype):
+    """The gradient scaler for a device and AMP setting.
+
+    * fp16 on cuda: ``torch.amp.GradScaler("cuda")``;
+    * fp16 on npu: ``torch_npu.npu.amp.GradScaler()`` (handles NPU overflow flags on older chips);
+    * no AMP, or bf16 (same exponent range as fp32): a disabled scaler (a pass-through).
+    """
+    if enabled and precision == torch.float16:
+        if device_type == "cuda":
+            return torch.amp.GradScaler("cuda")
+        if device_type == "npu":
+            return import_torch_npu().npu.amp.GradScaler()
+        raise ValueError(f"No fp16 gradient scaler for device type {device_type!r}")
+    return torch.amp.GradScaler("cpu", enabled=False)
+
+
+class DeviceTrainer(SimpleTrainer):
+    """A ``SimpleTrainer`` with autocast on any device, a grad scaler and global-norm clipping.
+
+    Args:
+        model, data_loader, optimizer, gather_metric_period, zero_grad_before_forward,
+            async_write_metrics: as in :class:`detectron2.engine.SimpleTrainer`.
+        device_type: "cuda", "npu" or "cpu": the autocast device type.
+        amp: run the forward pass under autocast.
+        precision: autocast dtype (float16 or bfloat16).
+        grad_scaler: a ``torch.amp.GradScaler``-like object; default: :func:`build_grad_scaler`.
+        clip_max_norm: if set, clip the global L2 norm of all gradients (unscaled) to this value.
+        clip_norm_type: the norm's p (2.0 = L2; inf allowed).
+        log_grad_norm: write the pre-clipping global gradient norm as ``grad_norm`` to the EventStorage.
+    """
+
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        *,
+        device_type: str = "cpu",
+        amp: bool = False,
+        precision: torch.dtype = torch.float16,
+        grad_scaler=None,
+        clip_max_norm: Optional[float] = None,
+        clip_norm_type: float = 2.0,
+        log_grad_norm: bool = True,
+        gather_metric_period: int = 1,
+        zero_grad_before_forward: bool = False,
+        async_write_metrics: bool = False,
+    ):
+        super().__init__(
+            model,
+            data_loader,
+            optimizer,
+            gather_metric_period=gather_metric_period,
+            zero_grad_before_forward=zero_grad_before_forward,
+            async_write_metrics=async_write_metrics,
+        )
+        if amp:
+            check_amp_support(device_type, precision)
+        self.device_type = device_type
+        self.amp = bool(amp)
+        self.precision = precision
+        self.grad_scaler = grad_scaler if grad_scaler is not None else build_grad_scaler(device_type, amp, precision)
+        self.clip_max_norm = clip_max_norm
+        self.clip_norm_type = float(clip_norm_type)
+        self.log_grad_norm = log_grad_norm
+
+    # ------------------------------------------------------------------------------------------- step
+
+    def run_step(self):
+        assert self.model.training, "[DeviceTrainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        with torch.autocast(device_type=self.device_type, dtype=self.precision, enabled=self.amp):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+        if not self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+
+        self.grad_scaler.scale(losses).backward()
+        self.after_backward()
+
+        if self.async_write_metrics:
+            self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
+        else:
+            self._write_metrics(loss_dict, data_time)
+
+        grad_norm = self.clip_gradients() if self.clip_max_norm is not None else None
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        if grad_norm is not None and self.log_grad_norm and (self.iter + 1) % self.gather_metric_period == 0:
+            get_event_storage().put_scalar("grad_norm", float(grad_norm), cur_iter=self.iter)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale the gradients in place and clip their global norm to ``clip_max_norm``.
+
+        Uses ``optimizer.clip_grad_norm_fused_`` when the optimizer provides it (torch_npu fused
+        optimizers, whose gradients live in flat buffers), else ``torch.nn.utils.clip_grad_norm_``.
+
+        Returns:
+            the total gradient norm before clipping (0-dim tensor; inf/NaN on overflow, in which case the
+            scaler skips the step).
+        """
+        self.grad_scaler.unscale_(self.optimizer)
+        fused = getattr(self.optimizer, "clip_grad_norm_fused_", None)
+        if fused is not None:
+            return fused(self.clip_max_norm, self.clip_norm_type)
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        return torch.nn.utils.clip_grad_norm_(params, self.clip_max_norm, self.clip_norm_type)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        scaler_state = state_dict.get("grad_scaler")
+        if self.grad_scaler.is_enabled():
+            if scaler_state:
+                self.grad_scaler.load_state_dict(scaler_state)
+            else:
+                logger.warning("Checkpoint has no grad scaler state; the loss scale restarts from its initial value")

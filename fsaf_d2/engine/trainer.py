@@ -1,0 +1,357 @@
+"""The fsaf_d2 ``Trainer`` and the per-process setup used by ``train_net.py``.
+
+:class:`Trainer` is a ``DefaultTrainer`` whose pieces are device-generic:
+
+* the training step is :class:`~fsaf_d2.engine.train_loop.DeviceTrainer` (AMP on cuda/npu/cpu,
+  global-norm clipping on unscaled gradients) instead of ``SimpleTrainer`` / ``AMPTrainer``;
+* DDP comes from :func:`~fsaf_d2.engine.comm.create_ddp_model` (``device_ids=None`` on CPU);
+* checkpoints are written atomically (:class:`~fsaf_d2.engine.checkpoint.AtomicCheckpointer`) and include
+  the model's EMA loss normalisers (:class:`~fsaf_d2.engine.checkpoint.ModelRunningScalars`);
+* throughput, device memory and evaluation timing use the device's own synchronize/memory calls;
+* with ``SEED >= 0`` and ``DATALOADER.DETERMINISTIC_RESUME``, ``--resume`` reproduces an uninterrupted run.
+
+Helpers for scripts: :func:`build_config` (config from ``args``), :func:`pre_launch` (``MODEL.DEVICE``
+and NPU environment defaults, in the launching process), :func:`setup` (config + logging + worker
+preparation, in every worker), :func:`prepare_worker` (device runtime knobs and collective patches).
+"""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+import torch.distributed as dist
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, TrainerBase, default_setup
+from detectron2.engine import hooks as d2_hooks
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
+from detectron2.solver import build_optimizer as d2_build_optimizer
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.utils import comm
+from detectron2.utils.events import JSONWriter, TensorboardXWriter
+from detectron2.utils.logger import setup_logger
+
+from ..config import add_fsaf_config, apply_static_shape_defaults, validate_fsaf_config
+from .checkpoint import AtomicCheckpointer, ModelRunningScalars
+from .comm import create_ddp_model, patch_detectron2
+from .device import (
+    apply_device_runtime,
+    apply_npu_env_defaults,
+    device_type_of,
+    import_torch_npu,
+    is_accelerator,
+    manual_seed_all,
+    max_memory_allocated,
+    resolve_device,
+    synchronize,
+)
+from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
+from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
+
+__all__ = ["Trainer", "build_config", "device_from_args", "pre_launch", "setup", "prepare_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def build_config(args, freeze: bool = True):
+    """Detectron2 config with the fsaf_d2 keys, merged from ``args.config_file`` and ``args.opts``."""
+    cfg = get_cfg()
+    add_fsaf_config(cfg)
+    if getattr(args, "config_file", ""):
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
+    apply_static_shape_defaults(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def device_from_args(args) -> str:
+    """``MODEL.DEVICE`` of the config described by ``args`` (read before launching workers)."""
+    return build_config(args, freeze=False).MODEL.DEVICE
+
+
+def pre_launch(args) -> str:
+    """Settings of the launching process; returns ``MODEL.DEVICE`` for :func:`~fsaf_d2.engine.launch`.
+
+    For npu this exports the ``NPU.ENV`` defaults (keys not already set) *before* ``torch_npu`` is
+    imported: torch_npu reads variables such as ``TASK_QUEUE_ENABLE`` when it initialises, and spawned
+    workers inherit the environment. :func:`prepare_worker` applies them again (no-op if set).
+    """
+    cfg = build_config(args, freeze=False)
+    if device_type_of(cfg.MODEL.DEVICE) == "npu":
+        apply_npu_env_defaults(cfg.NPU.ENV)
+    return cfg.MODEL.DEVICE
+
+
+def check_config(cfg) -> None:
+    """Fail early on settings this engine cannot run (in addition to ``validate_fsaf_config``)."""
+    validate_fsaf_config(cfg)
+    dtype = device_type_of(cfg.MODEL.DEVICE)
+    if cfg.SOLVER.AMP.ENABLED:
+        check_amp_support(dtype, parse_precision(cfg.SOLVER.AMP.PRECISION))
+
+
+def prepare_worker(cfg) -> torch.device:
+    """Per-process preparation; call in every worker before building the model.
+
+    Validates and resolves ``MODEL.DEVICE`` (importing torch_npu only for npu), applies the NPU runtime
+    knobs, and patches Detectron2's object collectives for the backend.
+
+    Returns:
+        the resolved ``torch.device``.
+    """
+    device = resolve_device(cfg.MODEL.DEVICE)
+    apply_device_runtime(cfg)
+    patch_detectron2(device.type)
+    return device
+
+
+def setup(args):
+    """Config + Detectron2's ``default_setup`` (logging, config dump, seeding) + :func:`prepare_worker`."""
+    cfg = build_config(args)
+    check_config(cfg)
+    default_setup(cfg, args)
+    # default_setup configures the "detectron2" and "fvcore" loggers; fsaf_d2's own messages (throughput
+    # summary, NPU runtime, data-stream restarts) go to the same console and log file
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="fsaf_d2", abbrev_name="fsaf")
+    device = prepare_worker(cfg)
+    if dist.is_available() and dist.is_initialized():
+        where = (
+            f"process group backend {dist.get_backend()}, rank {comm.get_rank()}/{comm.get_world_size()}, "
+            f"local rank {comm.get_local_rank()}/{comm.get_local_size()}"
+        )
+    else:
+        where = "single process"
+    logger.info(f"Device {device} (MODEL.DEVICE {cfg.MODEL.DEVICE}); {where}")
+    if cfg.SEED >= 0:
+        manual_seed_all(cfg.MODEL.DEVICE, cfg.SEED + comm.get_rank())
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+class Trainer(DefaultTrainer):
+    """Device-generic ``DefaultTrainer`` for fsaf_d2 (CUDA, Ascend NPU, CPU; 1..N processes)."""
+
+    def __init__(self, cfg):
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        if not logging.getLogger("fsaf_d2").isEnabledFor(logging.INFO):
+            setup_logger(name="fsaf_d2", abbrev_name="fsaf")
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        self.device = resolve_device(cfg.MODEL.DEVICE)
+        self.device_type = self.device.type
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        if _deterministic_stream(cfg):
+            # DeterministicDataStream builds the loader at the start of train(); avoid loading twice
+            data_loader = _DeferredLoader(lambda: self.build_train_loader(cfg))
+        else:
+            data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer = self.build_train_loop(cfg, model, data_loader, optimizer)
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = self.build_checkpointer(
+            cfg, model, trainer=weakref.proxy(self), model_running_scalars=ModelRunningScalars(model)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    # ------------------------------------------------------------------------------------------- builders
+
+    @classmethod
+    def build_checkpointer(cls, cfg, model, **checkpointables):
+        """Atomic checkpointer saving to ``cfg.OUTPUT_DIR`` (extra objects as ``checkpointables``)."""
+        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+
+    @classmethod
+    def build_grad_scaler(cls, cfg):
+        """Grad scaler for ``MODEL.DEVICE`` / ``SOLVER.AMP`` (see :func:`build_grad_scaler`)."""
+        return build_grad_scaler(
+            device_type_of(cfg.MODEL.DEVICE), cfg.SOLVER.AMP.ENABLED, parse_precision(cfg.SOLVER.AMP.PRECISION)
+        )
+
+    @classmethod
+    def build_train_loop(cls, cfg, model, data_loader, optimizer):
+        """The per-iteration logic: a :class:`DeviceTrainer` configured from ``SOLVER.AMP`` / ``CLIP_GRADIENTS``."""
+        clip = cfg.SOLVER.CLIP_GRADIENTS
+        full_model = clip.ENABLED and clip.CLIP_TYPE == "full_model"
+        return DeviceTrainer(
+            model,
+            data_loader,
+            optimizer,
+            device_type=device_type_of(cfg.MODEL.DEVICE),
+            amp=cfg.SOLVER.AMP.ENABLED,
+            precision=parse_precision(cfg.SOLVER.AMP.PRECISION),
+            grad_scaler=cls.build_grad_scaler(cfg),
+            clip_max_norm=float(clip.CLIP_VALUE) if full_model else None,
+            clip_norm_type=float(clip.NORM_TYPE),
+        )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        """SGD as in Detectron2, or ``torch_npu.optim.NpuFusedSGD`` with ``SOLVER.NPU_FUSED_SGD`` on npu.
+
+        ``CLIP_TYPE`` "value"/"norm" keep Detectron2's per-parameter clipping inside ``optimizer.step``;
+        "full_model" (global norm) is applied by the training step on unscaled gradients instead.
+        """
+        if cfg.SOLVER.CLIP_GRADIENTS.ENABLED and cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE == "full_model":
+            cfg = cfg.clone()
+            cfg.defrost()
+            cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False  # not Detectron2's job; see DeviceTrainer.clip_gradients
+        if cfg.SOLVER.NPU_FUSED_SGD:
+            if device_type_of(cfg.MODEL.DEVICE) == "npu":
+                return cls._build_npu_fused_sgd(cfg, model)
+            logger.warning(f"SOLVER.NPU_FUSED_SGD ignored on MODEL.DEVICE {cfg.MODEL.DEVICE}: using torch SGD")
+        return d2_build_optimizer(cfg, model)
+
+    @staticmethod
+    def _build_npu_fused_sgd(cfg, model):
+        try:
+            from torch_npu.optim import NpuFusedSGD  # noqa: F401  (npu path only)
+        except ImportError:
+            import_torch_npu()  # raises the installation hint if torch_npu itself is the problem
+            raise
+        params = get_default_optimizer_params(
+            model,
+            base_lr=cfg.SOLVER.BASE_LR,
+            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+        )
+        optimizer = NpuFusedSGD(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+        return maybe_add_gradient_clipping(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        from ..data import build_fsaf_train_loader
+
+        return build_fsaf_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        from ..data import build_fsaf_test_loader
+
+        return build_fsaf_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        """COCO box AP on ``dataset_name``; results under ``<OUTPUT_DIR>/inference``."""
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox",),
+            distributed=True,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+
+    def build_writers(self):
+        """Console (device memory, images/s), ``metrics.json`` and TensorBoard writers."""
+        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+        return [
+            DeviceMetricPrinter(self.max_iter, self.device_type),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def build_hooks(self):
+        """Detectron2's default hooks plus throughput and (with ``SEED >= 0``) the deterministic data stream."""
+        cfg = self.cfg
+        ret = super().build_hooks()
+        throughput = ThroughputHook(
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            num_devices=comm.get_world_size(),
+            warmup_iters=cfg.SOLVER.THROUGHPUT_WARMUP_ITERS,
+            device_type=self.device_type,
+            output_dir=cfg.OUTPUT_DIR,
+        )
+        pos = next((i + 1 for i, h in enumerate(ret) if isinstance(h, d2_hooks.IterationTimer)), 0)
+        ret.insert(pos, throughput)
+        if _deterministic_stream(cfg):
+            ret.insert(
+                0,
+                DeterministicDataStream(
+                    seed=cfg.SEED,
+                    period=cfg.SOLVER.CHECKPOINT_PERIOD,
+                    build_loader=lambda seed: self.build_train_loader(_with_seed(cfg, seed)),
+                    device_type=self.device_type,
+                ),
+            )
+        return ret
+
+    # ------------------------------------------------------------------------------------------- eval
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on ``cfg.DATASETS.TEST`` with device-synchronized timing.
+
+        Same contract as ``DefaultTrainer.test``: returns ``{dataset: results}`` (or the single result
+        dict when there is one test set); ``evaluators`` overrides :meth:`build_evaluator`.
+        """
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(f"{len(evaluators)} evaluators given for {len(cfg.DATASETS.TEST)} test sets")
+        dtype = device_type_of(cfg.MODEL.DEVICE)
+        callbacks = {"after_inference": lambda: synchronize(dtype)} if is_accelerator(dtype) else None
+        results = OrderedDict()
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            loader = cls.build_test_loader(cfg, name)
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
+            res = inference_on_dataset(model, loader, evaluator, callbacks=callbacks)
+            results[name] = res
+            if comm.is_main_process():
+                if not isinstance(res, dict):
+                    raise TypeError(f"Evaluator must return a dict on the main process, got {res!r}")
+                logger.info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(res)
+        mem = max_memory_allocated(dtype)
+        if mem is not None:
+            logger.info(f"Peak {dtype} memory so far: {mem / 2**20:.0f} MiB")
+        if len(results) == 1:
+            return next(iter(results.values()))
+        return results
+
+
+def _deterministic_stream(cfg) -> bool:
+    return cfg.SEED >= 0 and cfg.DATALOADER.DETERMINISTIC_RESUME
+
+
+class _DeferredLoader:
+    """Iterable that builds the real training loader on first use.
+
+    Args:
+        build: callable returning the loader.
+    """
+
+    def __init__(self, build):
+        self._build = build
+
+    def __iter__(self):
+        return iter(self._build())
+
+
+def _with_seed(cfg, seed: int):
+    """A copy of ``cfg`` with ``SEED = seed`` (for loaders that seed their sampler from the config)."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.SEED = int(seed)
+    cfg.freeze()
+    return cfg

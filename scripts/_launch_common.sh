@@ -1,0 +1,45 @@
+# Sourced by the ModelZoo-style scripts (train_full_8p.sh, train_performance_8p.sh, train_eval_8p.sh):
+# reads the common environment (DEVICE, NUM_DEVICES, CONFIG, DATA_PATH, LAUNCHER, NNODES, NODE_RANK,
+# MASTER_ADDR, MASTER_PORT, ASCEND_SET_ENV, PYTHON, BATCH_PER_DEVICE, AMP, PRECISION) and defines
+# run_train_net ARGS... which starts train_net.py with spawn or torchrun.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+DEVICE="${DEVICE:-npu}"
+NUM_DEVICES="${NUM_DEVICES:-8}"
+CONFIG="${CONFIG:-configs/fsaf_R50_FPN_1x.yaml}"
+BATCH_PER_DEVICE="${BATCH_PER_DEVICE:-2}"
+if [ "$DEVICE" = "npu" ]; then AMP="${AMP:-1}"; else AMP="${AMP:-0}"; fi
+PRECISION="${PRECISION:-float16}"
+AMP_ON=False; [ "$AMP" = "1" ] && AMP_ON=True
+LAUNCHER="${LAUNCHER:-spawn}"
+NNODES="${NNODES:-1}"
+NODE_RANK="${NODE_RANK:-0}"
+MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+if [ -n "${ASCEND_SET_ENV:-}" ]; then
+  # shellcheck disable=SC1090
+  source "$ASCEND_SET_ENV"
+fi
+if [ -n "${DATA_PATH:-}" ]; then export DETECTRON2_DATASETS="$DATA_PATH"; fi
+unset TORCH_TRANSFER_TO_NPU  # fsaf_d2 uses its own device layer, never transfer_to_npu
+
+# run_train_net ARGS...: train_net.py on NUM_DEVICES workers per machine (NNODES machines)
+run_train_net() {
+  if [ "$LAUNCHER" = "torchrun" ]; then
+    "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NUM_DEVICES" \
+      --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" train_net.py "$@"
+  else
+    local dist=(--num-gpus "$NUM_DEVICES" --num-machines "$NNODES" --machine-rank "$NODE_RANK")
+    if [ "$NNODES" -gt 1 ]; then dist+=(--dist-url "tcp://$MASTER_ADDR:$MASTER_PORT"); else dist+=(--dist-url auto); fi
+    "$PYTHON" train_net.py "${dist[@]}" "$@"
+  fi
+}
+
+# print_summary OUTPUT_DIR PYTHON_SLICE: the run's FPS / AP summary (fsaf_d2.engine.hooks)
+print_summary() {
+  "$PYTHON" -W ignore -c "import sys; from fsaf_d2.engine.hooks import format_summary, summarize_run; print(format_summary(summarize_run(sys.argv[1], prefer_log=sys.argv[2] == '1'))$2)" "$1" "${3:-0}"
+}

@@ -1,0 +1,118 @@
+"""Launch + collectives: 2 CPU/gloo workers, and 2 workers on a fake NPU whose "hccl" has no gather."""
+import json
+import os
+
+import pytest
+import torch
+from detectron2.utils import comm as d2_comm
+
+import engine_testutils as U
+import engine_workers
+from fsaf_d2.engine import comm as C
+from fsaf_d2.engine.launch import launch, torchrun_env
+
+
+def _results(out_dir, world):
+    return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
+
+
+def test_patch_is_idempotent_and_reversible():
+    originals = (d2_comm.all_gather, d2_comm.gather, d2_comm._get_global_gloo_group)
+    try:
+        C.patch_detectron2("npu")
+        C.patch_detectron2("npu")
+        assert C.is_patched()
+        assert d2_comm.all_gather is C.all_gather and d2_comm.gather is C.gather
+        from detectron2.evaluation import sem_seg_evaluation
+
+        assert sem_seg_evaluation.all_gather is C.all_gather  # imported by name there
+        assert d2_comm.all_gather("x") == ["x"] and d2_comm.gather("y") == ["y"]  # world size 1
+    finally:
+        C.unpatch_detectron2()
+    assert (d2_comm.all_gather, d2_comm.gather, d2_comm._get_global_gloo_group) == originals
+
+
+def test_ddp_device_ids():
+    assert C.ddp_device_ids(torch.device("cpu")) is None
+    assert C.ddp_device_ids(torch.device("cuda", 1)) == [1]
+
+
+def test_torchrun_env_parsing(monkeypatch):
+    assert torchrun_env() is None
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    env = torchrun_env()
+    assert env == {"rank": 3, "local_rank": 1, "world_size": 4, "local_world_size": 2,
+                   "master_addr": "10.0.0.1", "master_port": "29500"}
+
+
+def test_torchrun_env_without_master_address_is_an_error(monkeypatch):
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ValueError, match="MASTER_ADDR/MASTER_PORT"):
+        launch(print, 1, device_type="cpu", dist_url=None)
+
+
+def test_two_cpu_workers_gloo(tmp_path):
+    launch(engine_workers.gloo_collectives_worker, 2, dist_url="auto", args=(str(tmp_path),), device_type="cpu")
+    r0, r1 = _results(str(tmp_path), 2)
+    for r, res in enumerate((r0, r1)):
+        assert res["backend"] == "gloo" and res["world_size"] == 2
+        assert (res["local_rank"], res["local_size"]) == (r, 2)
+        assert res["all_gather"] == [{"rank": 0}, {"rank": 1}]
+        assert res["tensor_path"] == [{"payload": "x" * 100}, {"payload": "x" * 200}]
+        assert res["ddp_type"] == "DistributedDataParallel" and res["ddp_device_ids"] is None
+        assert res["ddp_broadcast_buffers"] is False and res["grads_equal"]
+        assert res["num_threads"] >= 1
+    assert r0["gather"] == [0, 10] and r1["gather"] == []
+
+
+def test_fake_npu_workers_use_hccl_and_never_gather(fake_npu, tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    cats = [{"id": 1, "name": "red"}, {"id": 2, "name": "green"}]
+    ann = U.write_tiny_coco(str(data / "images"), str(data / "ann.json"), 4, cats)
+    monkeypatch.setenv("FAKE_NPU_DEVICE_COUNT", "2")
+    monkeypatch.setenv("FAKE_NPU_REGISTER_DEVICE", "1")  # in the workers: torch.device("npu") parses
+    launch(
+        engine_workers.fake_hccl_eval_worker,
+        2,
+        dist_url="auto",
+        args=(str(tmp_path), ann, str(data / "images")),
+        device_type="npu",
+    )
+    r0, r1 = _results(str(tmp_path), 2)
+    for r, res in enumerate((r0, r1)):
+        assert res["backend"] == "hccl" and res["local_rank"] == r
+        assert res["device"] == "npu" and res["current_device"] == r
+        # the fake is faithful: stock Detectron2 gather hits ProcessGroupHCCL's missing gather
+        assert "does not support gather" in res["stock_gather"]
+        assert res["num_local_images"] == 2
+    # COCOEvaluator merged both ranks' predictions (perfect boxes -> AP 100 only with all 4 images)
+    assert r0["AP"] == pytest.approx(100.0) and r1["AP"] is None
+    assert r0["logged_loss"] == pytest.approx(1.5) and r1["logged_loss"] is None  # mean of 1.0 and 2.0
+
+    events = U.read_events(str(tmp_path / "npu_events.jsonl"))
+    worker_pids = {e["pid"] for e in events if e["event"] == "init_process_group"}
+    assert len(worker_pids) == 2
+    for pid in worker_pids:
+        mine = [e for e in events if e["pid"] == pid]
+        names = [e["event"] for e in mine]
+        init = names.index("init_process_group")
+        assert mine[init]["backend"] == "hccl"
+        assert "set_device" in names[:init], "set_device must precede init_process_group"
+        assert {e["index"] for e in mine if e["event"] == "set_device"} == {mine[init]["rank"]}
+        assert "gather" not in names[names.index("patched"):], "a gather reached the HCCL backend"
+
+
+def test_torchrun_env_with_inconsistent_ranks_is_an_error(monkeypatch):
+    for k, v in {"RANK": "5", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="Inconsistent distributed environment"):
+        launch(print, 1, device_type="cpu")
