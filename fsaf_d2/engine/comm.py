@@ -15,6 +15,7 @@ so ``COCOEvaluator`` crashes.
 * under HCCL (any backend other than gloo / nccl / mpi), ``gather`` is an ``all_gather`` whose result
   is kept on ``dst`` only, so no ``gather`` call ever reaches the backend.
 """
+import gc
 import logging
 import os
 import pickle
@@ -29,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .device import current_device, is_accelerator
 
 __all__ = [
+    "release_process_groups",
     "patch_detectron2",
     "unpatch_detectron2",
     "is_patched",
@@ -81,6 +83,21 @@ def get_object_group():
             group = None
     _group_cache.update(default=default, group=group)
     return group
+
+
+def release_process_groups() -> None:
+    """Drop every Python reference to sub-groups (Detectron2's local group and gloo cache, the object
+    group) and destroy all process groups. Dangling group objects destroyed at interpreter exit can abort
+    the process ("terminate called without an active exception") while gloo threads are still alive."""
+    _group_cache.clear()
+    d2_comm._LOCAL_PROCESS_GROUP = None
+    originals = _state["originals"][0] if _state["originals"] is not None else {}
+    for fn in (originals.get("_get_global_gloo_group"), getattr(d2_comm, "_get_global_gloo_group", None)):
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def _device_for_backend() -> torch.device:

@@ -28,6 +28,7 @@ import torch.multiprocessing as mp
 from detectron2.utils import comm
 
 from .device import DeviceError, check_device_available, dist_backend, parse_device, set_device
+from .comm import release_process_groups
 
 __all__ = ["DEFAULT_TIMEOUT", "launch", "torchrun_env", "init_distributed", "create_local_process_group"]
 
@@ -158,10 +159,14 @@ def _run_in_process_group(main_func: Callable, args: tuple, device_type: str, **
     """``init_distributed(device_type, **init_kwargs)``, run ``main_func(*args)``, destroy the group."""
     init_distributed(device_type, **init_kwargs)
     try:
-        return main_func(*args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        result = main_func(*args)
+    except BaseException:
+        release_process_groups()  # no barrier: the other ranks may never reach it
+        raise
+    # every rank has finished its collectives before any group is torn down
+    dist.barrier()
+    release_process_groups()
+    return result
 
 
 def launch(
