@@ -4,7 +4,9 @@
     python -m fsaf_d2.benchmark --device cuda --batch 16 --size 800x1344 --amp fp16 --out bench.json
 
 Every model gets the same synthetic batch (random images of one size, ``--boxes`` random COCO-like boxes
-per image over 80 classes), the same backbone depth, FrozenBN ResNet with random weights (the last norm
+per image over 80 classes), the same backbone (depth ``--depth``, pytorch-style stride on the 3x3 conv as
+in the FSAF reference; Detectron2's model-zoo RetinaNet/FCOS use the caffe style, which is a little
+cheaper), FrozenBN ResNet with random weights (the last norm
 of every residual block is zeroed so that random weights stay finite, as in the Detectron2 baseline),
 SGD, and the same AMP setting. A training step is forward + backward + optimizer step; time is measured
 with a device synchronisation after ``--warmup`` steps. Each model runs in its own subprocess, so the CPU
@@ -84,6 +86,7 @@ def build_model(name: str, args):
             raise ValueError("the fcos row needs --depth 50 or 101 (its LazyConfig builds bottleneck blocks)")
         lazy = model_zoo.get_config("COCO-Detection/fcos_R_50_FPN_1x.py").model
         lazy.backbone.bottom_up.stages.depth = args.depth
+        lazy.backbone.bottom_up.stages.stride_in_1x1 = False  # the same (pytorch-style) ResNet for every model
         lazy.num_classes = 80
         model = instantiate(lazy)
         model.to(args.device)
@@ -99,6 +102,7 @@ def build_model(name: str, args):
         cfg.MODEL.WEIGHTS = ""
         cfg.MODEL.DEVICE = args.device
         cfg.MODEL.RESNETS.DEPTH = args.depth
+        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # the same (pytorch-style) ResNet for every model
         if args.depth < 50:
             cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
         if name == "fsaf_static":

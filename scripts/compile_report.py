@@ -1,0 +1,87 @@
+"""How much of the FSAF training step torch.compile captures, static vs dynamic shapes (torch._dynamo.explain).
+
+    .venv/bin/python scripts/compile_report.py [--size 256x320] [--batch 2]
+
+Prints, for the static path (INPUT.FIXED_SIZES + MODEL.FSAF.MAX_GT) and the dynamic path, the number of
+graphs and graph breaks of (a) the loss computation from head outputs (assignment, selection, losses) and
+(b) backbone + head + loss from preprocessed images and padded ground truth, with the break reasons.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "modeling"))
+from fsaf_testing import make_input, tiny_cfg  # noqa: E402
+
+from detectron2.modeling import build_model  # noqa: E402
+
+from fsaf_d2.modeling.losses import fsaf_losses  # noqa: E402
+
+
+def report(name, fn, *args):
+    e = torch._dynamo.explain(fn)(*args)
+    reasons = sorted({str(b.reason).splitlines()[0][:120] for b in e.break_reasons})
+    print(f"{name}: graphs={e.graph_count} graph_breaks={e.graph_break_count}")
+    for r in reasons:
+        print(f"    break: {r}")
+    torch._dynamo.reset()
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--size", default="256x320")
+    p.add_argument("--batch", type=int, default=2)
+    args = p.parse_args()
+    h, w = (int(v) for v in args.size.split("x"))
+    batch = [make_input(h - 32 * (i % 2), w, [[10, 10, 90, 120], [40, 40, 60, 70]], [0, 2], seed=i) for i in range(args.batch)]
+    for mode, opts in (("static", {"INPUT.FIXED_SIZES": [[h, w], [w, h]], "MODEL.FSAF.MAX_GT": 8}), ("dynamic", {})):
+        torch.manual_seed(0)
+        model = build_model(tiny_cfg(**opts)).train()
+        images = model.preprocess_image(batch)
+        gt = model._ground_truth(batch)[:3]
+        feats = model.backbone(images.tensor)
+        feats = [feats[f] for f in model.head_in_features]
+        priors, level, sizes, valid = model.prior_layout(images, feats)
+
+        def loss_from_head(logits, deltas, boxes, labels, gt_valid, layout=(priors, level, sizes, valid)):
+            p, lv, sz, va = layout
+            out = fsaf_losses(logits, deltas, p, sz, lv, va, boxes, labels, gt_valid, box_coder=model.box_coder)
+            return out["loss_fsaf_cls"] + out["loss_fsaf_reg"]
+
+        def step_from_images(image_tensor, layout, boxes, labels, gt_valid):
+            """Priors, level ids and the valid-prior mask are inputs: they depend on Python sizes that stay
+            outside the graph (in training they come from the cached PointPriors)."""
+            f = model.backbone(image_tensor)
+            f = [f[k] for k in model.head_in_features]
+            logits, deltas = model._transpose_dense_predictions(model.head(f), [model.num_classes, 4])
+            return loss_from_head(torch.cat(logits, 1), torch.cat(deltas, 1), boxes, labels, gt_valid, layout)
+
+        def layout_of(images):
+            f = model.backbone(images.tensor)
+            return model.prior_layout(images, [f[k] for k in model.head_in_features])
+
+        logits, deltas = model._transpose_dense_predictions(model.head(feats), [model.num_classes, 4])
+        report(f"{mode}: assignment + selection + losses", loss_from_head,
+               torch.cat(logits, 1).detach(), torch.cat(deltas, 1).detach(), *gt)
+        report(f"{mode}: backbone + head + losses", step_from_images, images.tensor, (priors, level, sizes, valid), *gt)
+
+        # compilations over three batches of different image sizes and object counts
+        from torch._dynamo.utils import counters
+
+        counters.clear()
+        compiled = torch.compile(step_from_images, backend="eager", dynamic=False)
+        boxes = [[10, 10, 90, 120], [40, 40, 60, 70], [5, 5, 30, 30]]
+        for k, (dh, dw, n) in enumerate(((0, 0, 2), (-32, -64, 3), (-64, -32, 1))):
+            b = [make_input(h + dh, w + dw, boxes[:n], [0, 2, 1][:n], seed=k)]
+            imgs = model.preprocess_image(b)
+            p_, l_, s_, v_ = layout_of(imgs)
+            compiled(imgs.tensor, (p_, l_, s_, v_), *model._ground_truth(b)[:3])
+        print(f"{mode}: graphs compiled for 3 batches of different sizes / object counts: "
+              f"{counters['stats']['unique_graphs']}")
+        torch._dynamo.reset()
+
+
+if __name__ == "__main__":
+    main()
