@@ -1,0 +1,97 @@
+"""The package as a plugin: registration on import, every config loads, bad keys and values fail clearly."""
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+from detectron2.config import get_cfg
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
+
+import fsaf_d2
+from fsaf_d2.config import validate_fsaf_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+
+
+def test_import_registers_everything():
+    assert META_ARCH_REGISTRY.get("FSAF") is fsaf_d2.FSAF
+    assert BACKBONE_REGISTRY.get("build_fsaf_resnet_fpn_backbone") is not None
+    assert BACKBONE_REGISTRY.get("build_fsaf_narrow_resnet_fpn_backbone") is not None
+    from detectron2.data import DatasetCatalog
+
+    assert {"fsaf_quickstart_train", "fsaf_quickstart_val"} <= set(DatasetCatalog.list())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
+def test_every_config_loads_and_validates(path):
+    cfg = get_cfg()
+    fsaf_d2.add_fsaf_config(cfg)
+    cfg.merge_from_file(path)
+    validate_fsaf_config(cfg)
+    assert cfg.MODEL.META_ARCHITECTURE == "FSAF"
+
+
+def test_configs_found():
+    names = {os.path.basename(p) for p in CONFIGS}
+    assert {
+        "Base-FSAF.yaml",
+        "fsaf_R50_FPN_1x.yaml",
+        "fsaf_R101_FPN_1x.yaml",
+        "fsaf_X101_64x4d_FPN_1x.yaml",
+        "fsaf_R50_FPN_1x_paper_ignore.yaml",
+        "fsaf_retinanet_R50_FPN_1x.yaml",
+        "quickstart_R18_FPN.yaml",
+    } <= names
+
+
+def test_reference_hyper_parameters_in_r50_config():
+    cfg = get_cfg()
+    fsaf_d2.add_fsaf_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "fsaf_R50_FPN_1x.yaml"))
+    s = cfg.SOLVER
+    assert (s.BASE_LR, s.MOMENTUM, s.WEIGHT_DECAY, s.IMS_PER_BATCH, s.MAX_ITER) == (0.01, 0.9, 1e-4, 16, 90000)
+    assert tuple(s.STEPS) == (60000, 80000) and (s.WARMUP_ITERS, s.WARMUP_FACTOR) == (500, 0.001)
+    assert s.CLIP_GRADIENTS.ENABLED and s.CLIP_GRADIENTS.CLIP_TYPE == "full_model" and s.CLIP_GRADIENTS.CLIP_VALUE == 10
+    assert tuple(cfg.INPUT.MIN_SIZE_TRAIN) == (800,) and cfg.INPUT.MAX_SIZE_TRAIN == 1333
+    assert cfg.INPUT.FORMAT == "RGB" and cfg.MODEL.RESNETS.STRIDE_IN_1X1 is False
+    assert cfg.MODEL.BACKBONE.FREEZE_AT == 2 and cfg.MODEL.RESNETS.NORM == "FrozenBN"
+    f = cfg.MODEL.FSAF
+    assert (f.POS_SCALE, f.NEG_SCALE, f.MIN_POS_IOF, f.REG_BIAS_INIT, f.BBOX_NORMALIZER) == (0.2, 0.2, 0.01, 0.25, 4.0)
+
+
+def test_unknown_key_fails_with_its_name(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text('_BASE_: "%s"\nMODEL:\n  FSAF:\n    POS_SCALEE: 0.3\n' % os.path.join(REPO, "configs", "Base-FSAF.yaml"))
+    cfg = get_cfg()
+    fsaf_d2.add_fsaf_config(cfg)
+    with pytest.raises(KeyError, match="POS_SCALEE"):
+        cfg.merge_from_file(str(bad))
+    with pytest.raises(AssertionError, match="Non-existent key: MODEL.FSAF.NO_SUCH_KEY"):  # yacs
+        cfg.merge_from_list(["MODEL.FSAF.NO_SUCH_KEY", 1])
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("MODEL.FSAF.LOSS_NORMALIZER", "mean", "MODEL.FSAF.LOSS_NORMALIZER"),
+        ("MODEL.FSAF.NEG_SCALE", 0.1, "NEG_SCALE"),
+        ("INPUT.FIXED_SIZES", [[800, 1333]], "INPUT.FIXED_SIZES"),
+        ("SOLVER.AMP.PRECISION", "int8", "SOLVER.AMP.PRECISION"),
+    ],
+)
+def test_bad_values_fail_early_with_the_key(key, value, match):
+    cfg = get_cfg()
+    fsaf_d2.add_fsaf_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "fsaf_R50_FPN_1x.yaml"))
+    cfg.merge_from_list([key, value])
+    with pytest.raises(ValueError, match=match):
+        validate_fsaf_config(cfg)
+
+
+def test_import_without_detectron2_says_how_to_install():
+    code = "import sys; sys.modules['detectron2'] = None; import fsaf_d2"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0
+    assert "scripts/setup_env.sh" in proc.stderr and "sal-detectron2" in proc.stderr
