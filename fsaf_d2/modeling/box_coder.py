@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["TBLRBoxCoder", "prior_centers_and_sizes"]
+__all__ = ["TBLRBoxCoder", "prior_centers_and_sizes", "tblr_decode"]
 
 
 def prior_centers_and_sizes(priors: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -19,6 +19,27 @@ def prior_centers_and_sizes(priors: Tensor) -> Tuple[Tensor, Tensor, Tensor, Ten
     w = priors[..., 2] - priors[..., 0]
     h = priors[..., 3] - priors[..., 1]
     return cx, cy, w, h
+
+
+def tblr_decode(
+    deltas: Tensor, priors: Tensor, normalizer: float, max_shape: Optional[Tuple[int, int]] = None
+) -> Tensor:
+    """deltas (..., 4) (t, b, l, r), priors (..., 4) XYXY -> boxes (..., 4) XYXY pixels.
+
+    ``max_shape`` = (height, width) clips the boxes to [0, W] x [0, H] (inference only; the loss decodes
+    without clipping, as the reference does). A plain function so that TorchScript can compile it.
+    """
+    cx, cy, w, h = prior_centers_and_sizes(priors)
+    x1 = cx - deltas[..., 2] * (normalizer * w)
+    y1 = cy - deltas[..., 0] * (normalizer * h)
+    x2 = cx + deltas[..., 3] * (normalizer * w)
+    y2 = cy + deltas[..., 1] * (normalizer * h)
+    if max_shape is not None:
+        x1 = x1.clamp(min=0.0, max=float(max_shape[1]))
+        x2 = x2.clamp(min=0.0, max=float(max_shape[1]))
+        y1 = y1.clamp(min=0.0, max=float(max_shape[0]))
+        y2 = y2.clamp(min=0.0, max=float(max_shape[0]))
+    return torch.stack([x1, y1, x2, y2], dim=-1)
 
 
 class TBLRBoxCoder:
@@ -49,15 +70,4 @@ class TBLRBoxCoder:
         ``max_shape`` = (height, width) clips the boxes to [0, W] x [0, H] (inference only; the loss
         decodes without clipping, as the reference does).
         """
-        cx, cy, w, h = prior_centers_and_sizes(priors)
-        s = self.normalizer
-        x1 = cx - deltas[..., 2] * (s * w)
-        y1 = cy - deltas[..., 0] * (s * h)
-        x2 = cx + deltas[..., 3] * (s * w)
-        y2 = cy + deltas[..., 1] * (s * h)
-        if max_shape is not None:
-            x1 = x1.clamp(min=0, max=max_shape[1])
-            x2 = x2.clamp(min=0, max=max_shape[1])
-            y1 = y1.clamp(min=0, max=max_shape[0])
-            y2 = y2.clamp(min=0, max=max_shape[0])
-        return torch.stack([x1, y1, x2, y2], dim=-1)
+        return tblr_decode(deltas, priors, self.normalizer, max_shape)

@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
 from .anchor_based import AnchorBasedBranch
-from .box_coder import TBLRBoxCoder
+from .box_coder import TBLRBoxCoder, tblr_decode
 from .head import FSAFHead
-from .inference import decode_tblr, merge_levels, select_level_candidates
+from .inference import merge_levels, select_level_candidates
 from .losses import fsaf_losses
 from .priors import PointPriors, point_prior_grid
 
@@ -190,21 +190,22 @@ class FSAF(DenseDetector):
             batched[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
         return ImageList(batched, sizes)
 
+    def _gt_slots(self, instances: Sequence[Instances]) -> int:
+        """Ground-truth slots per image: MODEL.FSAF.MAX_GT (static) or the batch's largest count (dynamic)."""
+        most = max(len(x) for x in instances)
+        if self.max_gt == 0:
+            return max(1, most)
+        if most > self.max_gt:
+            raise ValueError(
+                f"An image has {most} ground-truth boxes, more than MODEL.FSAF.MAX_GT={self.max_gt}; "
+                "raise MODEL.FSAF.MAX_GT (or set it to 0 for dynamic shapes)."
+            )
+        return self.max_gt
+
     def _ground_truth(self, batched_inputs: List[Dict[str, Tensor]]):
         """Padded ground truth, built on the host and sent to the device in one non-blocking copy each."""
-        instances = [x["instances"] for x in batched_inputs]
-        most = max(len(x) for x in instances)
-        if self.max_gt > 0:
-            if most > self.max_gt:
-                raise ValueError(
-                    f"An image has {most} ground-truth boxes, more than MODEL.FSAF.MAX_GT={self.max_gt}; "
-                    "raise MODEL.FSAF.MAX_GT (or set it to 0 for dynamic shapes)."
-                )
-            slots = self.max_gt
-        else:
-            slots = max(1, most)
-        cpu_instances = [x.to("cpu") for x in instances]
-        tensors = pad_ground_truth(cpu_instances, slots, self.crowd_as_ignore)
+        instances = [x["instances"].to("cpu") for x in batched_inputs]
+        tensors = pad_ground_truth(instances, self._gt_slots(instances), self.crowd_as_ignore)
         return [None if t is None else self._to_device_async(t) for t in tensors]
 
     def _to_device_async(self, t: Tensor) -> Tensor:
@@ -254,8 +255,7 @@ class FSAF(DenseDetector):
 
     def forward_training(self, images, features, predictions, gt_instances):
         """DenseDetector's training entry point, for callers that already hold device ``Instances``."""
-        slots = max(1, self.max_gt, max(len(x) for x in gt_instances))
-        gt = pad_ground_truth(gt_instances, slots, self.crowd_as_ignore)
+        gt = pad_ground_truth(gt_instances, self._gt_slots(gt_instances), self.crowd_as_ignore)
         return self._total_losses(images, features, predictions, gt, gt_instances)
 
     def _total_losses(self, images, features, predictions, gt, gt_instances):
@@ -347,7 +347,7 @@ class FSAF(DenseDetector):
                 scores, loc, cls = select_level_candidates(
                     lvl_logits[i].sigmoid(), self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule
                 )
-                boxes = decode_tblr(
+                boxes = tblr_decode(
                     lvl_deltas[i][loc].float(), lvl_priors[loc], normalizer, image_size
                 )
                 per_level.append((boxes, scores, cls))

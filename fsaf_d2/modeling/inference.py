@@ -1,11 +1,12 @@
-"""FSAF inference: per-level candidate selection, TBLR decoding, class-aware NMS (FSAF_SPEC.md §8)."""
+"""FSAF inference: per-level candidate selection and class-aware NMS (FSAF_SPEC.md §8); decoding is
+:func:`fsaf_d2.modeling.box_coder.tblr_decode`."""
 from typing import List, Tuple
 
 import torch
 from detectron2.layers import batched_nms
 from torch import Tensor
 
-__all__ = ["select_level_candidates", "decode_tblr", "nms_and_topk"]
+__all__ = ["select_level_candidates", "nms_and_topk", "merge_levels"]
 
 
 def _topk_count(num: int, topk: int) -> int:
@@ -44,19 +45,6 @@ def select_level_candidates(
     top_scores, order = flat_scores.topk(_topk_count(keep.shape[0], topk))
     flat = keep[order]
     return top_scores, flat // num_classes, flat % num_classes
-
-
-def decode_tblr(deltas: Tensor, priors: Tensor, normalizer: float, image_size: Tuple[int, int]) -> Tensor:
-    """deltas (K, 4) (t, b, l, r), priors (K, 4) XYXY -> boxes (K, 4) clipped to image_size (H, W)."""
-    cx = (priors[:, 0] + priors[:, 2]) * 0.5
-    cy = (priors[:, 1] + priors[:, 3]) * 0.5
-    w = (priors[:, 2] - priors[:, 0]) * normalizer
-    h = (priors[:, 3] - priors[:, 1]) * normalizer
-    x1 = (cx - deltas[:, 2] * w).clamp(min=0.0, max=float(image_size[1]))
-    y1 = (cy - deltas[:, 0] * h).clamp(min=0.0, max=float(image_size[0]))
-    x2 = (cx + deltas[:, 3] * w).clamp(min=0.0, max=float(image_size[1]))
-    y2 = (cy + deltas[:, 1] * h).clamp(min=0.0, max=float(image_size[0]))
-    return torch.stack([x1, y1, x2, y2], dim=1)
 
 
 def nms_and_topk(

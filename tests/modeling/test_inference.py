@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fsaf_d2.modeling.inference import decode_tblr, merge_levels, select_level_candidates
+from fsaf_d2.modeling.box_coder import tblr_decode
+from fsaf_d2.modeling.inference import merge_levels, select_level_candidates
 
 
 def test_threshold_then_topk_pairs():
@@ -24,7 +25,7 @@ def test_locations_rule_takes_topk_locations_first():
 def test_decode_clips_to_image():
     priors = torch.tensor([[0.0, 0.0, 8.0, 8.0], [92.0, 60.0, 100.0, 68.0]])
     deltas = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 1.0, 1.0, 1.0]])
-    boxes = decode_tblr(deltas, priors, 4.0, (64, 100))
+    boxes = tblr_decode(deltas, priors, 4.0, (64, 100))
     assert boxes.tolist() == [[0.0, 0.0, 12.0, 12.0], [64.0, 32.0, 100.0, 64.0]]
 
 

@@ -148,6 +148,12 @@ def test_max_gt_overflow_names_the_key(batch):
     model.train()
     with pytest.raises(ValueError, match="MODEL.FSAF.MAX_GT"):
         model(batch)
+    # DenseDetector's forward_training entry point applies the same rule
+    images = model.preprocess_image(batch)
+    feats = model.backbone(images.tensor)
+    feats = [feats[f] for f in model.head_in_features]
+    with pytest.raises(ValueError, match="MODEL.FSAF.MAX_GT"):
+        model.forward_training(images, feats, model.head(feats), [x["instances"] for x in batch])
 
 
 def test_fixed_size_choice():
