@@ -5,9 +5,17 @@
 the device/AMP/data keys that stock Detectron2 lacks; they are added only when missing, so an
 upstream Detectron2 that already has one keeps its own default.
 """
+import torch
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_fsaf_config", "FSAF_VALID_CHOICES", "validate_fsaf_config", "apply_static_shape_defaults", "NPU_DEFAULT_MAX_GT"]
+__all__ = [
+    "add_fsaf_config",
+    "FSAF_VALID_CHOICES",
+    "validate_fsaf_config",
+    "apply_static_shape_defaults",
+    "resolve_memory_format",
+    "NPU_DEFAULT_MAX_GT",
+]
 
 
 def _add_if_missing(node, key, value):
@@ -74,6 +82,16 @@ def add_fsaf_config(cfg):
     # on the same towers; total loss = anchor-based + AF_LOSS_WEIGHT * (FSAF cls + FSAF box)
     _C.MODEL.FSAF.ANCHOR_BASED = False
     _C.MODEL.FSAF.AF_LOSS_WEIGHT = 0.5
+
+    # memory layout of the model's conv weights and activations: "channels_last" (NHWC), "contiguous"
+    # (NCHW) or "auto" = channels_last on cpu and cuda (measured faster: docs/benchmarks.md), contiguous on
+    # npu (torch_npu has no channels_last). Numerics differ only by float rounding.
+    _C.MODEL.FSAF.MEMORY_FORMAT = "auto"
+    # compute every Conv2d + FrozenBatchNorm2d of the model as one convolution with per-channel scaled
+    # weights and a bias (fsaf_d2.modeling.frozen_bn): same parameters and checkpoint keys, float
+    # rounding differences only, two fewer passes over each activation. Off by default: on the CPU it
+    # measured within noise (docs/benchmarks.md); scripts/gpu_benchmark.sh measures it on a GPU.
+    _C.MODEL.FSAF.FOLD_FROZEN_BN = False
 
     # FPN top block: P6 from C5 and P7 from P6. The reference has no ReLU before P7 (Detectron2 has one).
     _C.MODEL.FSAF.TOP_BLOCK_IN_FEATURE = "res5"
@@ -145,9 +163,32 @@ def apply_static_shape_defaults(cfg):
     return changed
 
 
+def resolve_memory_format(choice: str, device) -> torch.memory_format:
+    """``MODEL.FSAF.MEMORY_FORMAT`` for ``MODEL.DEVICE`` -> the layout of the model's 4-D weights.
+
+    "auto": channels_last on cpu and cuda (oneDNN and cuDNN have NHWC convolutions; measured in
+    docs/benchmarks.md), contiguous (NCHW) on npu, whose adapter has no channels_last.
+    "channels_last" / "contiguous" force one; channels_last on npu is refused, naming the key.
+    """
+    device_type = str(device).split(":")[0]
+    if choice == "auto":
+        return torch.contiguous_format if device_type == "npu" else torch.channels_last
+    if choice == "channels_last":
+        if device_type == "npu":
+            raise ValueError(
+                "MODEL.FSAF.MEMORY_FORMAT='channels_last' is not supported on npu (torch_npu has no "
+                "channels_last); use 'auto' or 'contiguous'"
+            )
+        return torch.channels_last
+    if choice == "contiguous":
+        return torch.contiguous_format
+    raise ValueError(f"MODEL.FSAF.MEMORY_FORMAT must be 'auto', 'channels_last' or 'contiguous', got {choice!r}")
+
+
 FSAF_VALID_CHOICES = {
     "MODEL.FSAF.LOSS_NORMALIZER": ("exact", "ema"),
     "MODEL.FSAF.TOPK_RULE": ("pairs", "locations"),
+    "MODEL.FSAF.MEMORY_FORMAT": ("auto", "channels_last", "contiguous"),
     "INPUT.RESIZE_BACKEND": ("pil", "cv2"),
     "SOLVER.AMP.PRECISION": ("float16", "bfloat16", "fp16", "bf16"),
 }

@@ -165,6 +165,27 @@ def test_combined_model_traces_and_scripts(tmp_path):
     assert boxes <= TOL and scores <= TOL, (boxes, scores)
 
 
+def test_folded_frozen_bn_model_scripts_and_exports_to_onnx(tmp_path):
+    """FrozenBN (the R50 configs' norm) folded into the convolutions, channels-last (the cpu default)."""
+    from fsaf_d2.modeling.frozen_bn import FrozenBNFoldedConv2d
+
+    model = build(**{"MODEL.RESNETS.NORM": "FrozenBN", "MODEL.FSAF.FOLD_FROZEN_BN": True})
+    assert any(type(m) is FrozenBNFoldedConv2d for m in model.backbone.modules())
+    assert model.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
+    img = image(0)
+    ref = eager(model, img)
+    path, _ = export.export_scripting(model, str(tmp_path / "script"))
+    with torch.no_grad():
+        fields = torch.jit.load(path)([{"image": img}])[0]
+    boxes, scores = max_diffs(ref, as_instances(fields, img))
+    assert boxes <= TOL and scores <= TOL, (boxes, scores)
+    pytest.importorskip("onnx")
+    path, adapter, _ = export.export_tracing(model, [{"image": img}], "onnx", str(tmp_path / "onnx"))
+    out = adapter.outputs_schema(run_onnx(path, img))[0]["instances"]
+    boxes, scores = max_diffs(ref, out)
+    assert boxes <= ONNX_BOX_TOL and scores <= TOL, (boxes, scores)
+
+
 def test_cli_end_to_end(tmp_path):
     cfg = tiny_cfg(**{"INPUT.MIN_SIZE_TEST": H})
     config = tmp_path / "tiny.yaml"

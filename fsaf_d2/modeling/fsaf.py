@@ -11,8 +11,10 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
+from ..config import resolve_memory_format
 from .anchor_based import AnchorBasedBranch
 from .box_coder import TBLRBoxCoder, tblr_decode
+from .frozen_bn import fold_frozen_batchnorm
 from .head import FSAFHead
 from .inference import merge_levels, select_level_candidates
 from .losses import fsaf_losses
@@ -96,6 +98,8 @@ class FSAF(DenseDetector):
         fixed_sizes: Sequence[Sequence[int]] = (),
         anchor_based: Optional[nn.Module] = None,
         af_loss_weight: float = 0.5,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        fold_frozen_bn: bool = False,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
     ):
@@ -133,6 +137,12 @@ class FSAF(DenseDetector):
         # combined model: RetinaNet's anchor-based outputs on the same towers (None = FSAF only)
         self.anchor_based = anchor_based
         self.af_loss_weight = af_loss_weight
+        # conv weights in this layout make every convolution (and its activations) use it: the first conv
+        # turns the NCHW image batch into the weights' layout, and the head outputs' NHWC transpose is free
+        if memory_format is not torch.contiguous_format:
+            self.to(memory_format=memory_format)
+        if fold_frozen_bn:
+            fold_frozen_batchnorm(self)
 
     @classmethod
     def from_config(cls, cfg):
@@ -172,6 +182,8 @@ class FSAF(DenseDetector):
             "fixed_sizes": cfg.INPUT.FIXED_SIZES,
             "anchor_based": AnchorBasedBranch(cfg, feature_shapes, f.NUM_CLASSES) if f.ANCHOR_BASED else None,
             "af_loss_weight": f.AF_LOSS_WEIGHT,
+            "memory_format": resolve_memory_format(f.MEMORY_FORMAT, cfg.MODEL.DEVICE),
+            "fold_frozen_bn": f.FOLD_FROZEN_BN,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
