@@ -16,16 +16,23 @@ Models: ``fsaf`` (configs/fsaf_R50_FPN_1x.yaml), ``fsaf_static`` (the same with 
 MODEL.FSAF.MAX_GT: the static-shape path), ``fsaf_retinanet`` (the combined anchor-based + FSAF model),
 ``retinanet`` (Detectron2 model zoo COCO-Detection/retinanet_R_50_FPN_1x.yaml), ``fcos`` (Detectron2's
 LazyConfig COCO-Detection/fcos_R_50_FPN_1x.py). ``--profile`` adds a per-phase breakdown of the FSAF
-training step from the torch profiler (record_function ranges in the model).
+training step from the torch profiler (record_function ranges in the model; the ResNet and the FPN are
+split by module hooks). ``--memory-format`` chooses the conv layout (default: each model as shipped).
+Step and inference times are medians over iterations; ``--rounds R`` repeats the model list R times in
+alternating order (A B, B A, ...) and reports medians over rounds and the per-round ratios, which keeps
+machine drift out of the comparison. ``--paired`` goes further: all models live in one process and their
+steps alternate one by one (no profile, no per-model memory figure in that mode). A model name may carry
+config overrides (``fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False``), which gives before/after pairs of one change.
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -33,6 +40,8 @@ MODELS = ("fsaf", "fsaf_static", "fsaf_retinanet", "retinanet", "fcos")
 PHASES = (
     "fsaf.preprocess",
     "fsaf.backbone",
+    "bench.resnet",
+    "bench.fpn",
     "fsaf.head",
     "fsaf.assignment",
     "fsaf.dense_losses",
@@ -46,17 +55,36 @@ PHASES = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--models", nargs="+", default=["fsaf", "retinanet"], choices=MODELS)
+    p.add_argument(
+        "--models", nargs="+", default=["fsaf", "retinanet"], type=_model_spec,
+        help=f"models among {list(MODELS)}; a model name may carry config overrides after '+', e.g. "
+        "'fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False' (not for fcos)",
+    )
+    p.add_argument(
+        "--paired", action="store_true",
+        help="build every model in one process and alternate their steps (A B B A ...): the most drift-proof "
+        "ratio; memory figures are then those of all models together",
+    )
     p.add_argument("--batch", type=int, default=2, help="training images per step")
     p.add_argument("--infer-batch", type=int, default=1)
     p.add_argument("--size", default="320x320", help="HxW of every image (e.g. 800x1344)")
     p.add_argument("--depth", type=int, default=50)
     p.add_argument("--boxes", type=int, default=7, help="objects per image")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument(
+        "--rounds", type=int, default=1,
+        help="run the model list this many times, alternating its order (ABBA); figures are medians over rounds",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--infer-iters", type=int, default=10)
     p.add_argument("--amp", default="none", choices=["none", "fp16", "bf16"])
-    p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--memory-format", default="config", choices=["config", "contiguous", "channels_last"],
+        help="layout of every model's convs: 'config' = FSAF models as MODEL.FSAF.MEMORY_FORMAT (auto: "
+        "channels_last on cpu/cuda), Detectron2's models as Detectron2 ships them (contiguous); the other "
+        "two force one layout on every model",
+    )
+    p.add_argument("--channels-last", action="store_true", help="same as --memory-format channels_last")
     p.add_argument("--profile", action="store_true", help="per-phase breakdown of the FSAF training step")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,18 +93,41 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _model_spec(spec: str) -> str:
+    base = spec.split("+")[0]
+    if base not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {base!r}; choose from {list(MODELS)}")
+    for item in spec.split("+")[1:]:
+        if "=" not in item:
+            raise argparse.ArgumentTypeError(f"override {item!r} of {spec!r} is not KEY=VALUE")
+    if base == "fcos" and "+" in spec:
+        raise argparse.ArgumentTypeError("fcos is built from a LazyConfig: config overrides are not supported")
+    return spec
+
+
+def _split_spec(spec: str):
+    """'fsaf+A.B=1+C=x' -> ('fsaf', ['A.B', '1', 'C', 'x']) for CfgNode.merge_from_list."""
+    base, *items = spec.split("+")
+    overrides = []
+    for item in items:
+        key, value = item.split("=", 1)
+        overrides += [key, value]
+    return base, overrides
+
+
 def _config_dir():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.join(here, "configs")
 
 
-def build_model(name: str, args):
+def build_model(spec: str, args):
     """Build one benchmarked model on ``args.device`` with random weights (FrozenBN, zeroed last norms)."""
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model as d2_build
 
     import fsaf_d2
 
+    name, overrides = _split_spec(spec)
     h, w = (int(v) for v in args.size.split("x"))
     if name == "fcos":
         from detectron2 import model_zoo
@@ -90,6 +141,8 @@ def build_model(name: str, args):
         lazy.num_classes = 80
         model = instantiate(lazy)
         model.to(args.device)
+        if args.memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
     else:
         cfg = get_cfg()
         fsaf_d2.add_fsaf_config(cfg)
@@ -112,14 +165,17 @@ def build_model(name: str, args):
         if name == "fsaf_retinanet":
             cfg.MODEL.FSAF.ANCHOR_BASED = True
             cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in (32, 64, 128, 256, 512)]
+        if name != "retinanet" and args.memory_format != "config":
+            cfg.MODEL.FSAF.MEMORY_FORMAT = args.memory_format
+        cfg.merge_from_list(overrides)  # the model's own overrides come last
         model = d2_build(cfg)
+        if name == "retinanet" and args.memory_format == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
     for m in model.modules():  # residual blocks start as identity: random FrozenBN nets stay finite
         last = getattr(m, "conv3", None) or (getattr(m, "conv2", None) if hasattr(m, "shortcut") else None)
         norm = getattr(last, "norm", None)
         if norm is not None and hasattr(norm, "weight"):
             norm.weight.zero_()
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -151,7 +207,7 @@ def _autocast(args):
     return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
 
-def run_worker(name: str, args) -> Dict:
+def _prepare_device(args):
     from fsaf_d2.engine import device as dev
 
     if args.threads:
@@ -161,15 +217,17 @@ def run_worker(name: str, args) -> Dict:
     torch.manual_seed(args.seed)
     if args.device.startswith("npu"):
         dev.import_torch_npu()
-    model = build_model(name, args)
+    return dev
+
+
+def make_train_step(model, args, batch):
+    """A closure running one training step (forward, backward, clip, SGD) of ``model`` on ``batch``."""
+    from detectron2.utils.events import EventStorage
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16")
-    batch = synthetic_batch(args.batch, args, args.seed)
-
-    from detectron2.utils.events import EventStorage
-
     storage = EventStorage(0)
 
     def step():
@@ -186,6 +244,71 @@ def run_worker(name: str, args) -> Dict:
             scaler.update()
         return loss
 
+    return step
+
+
+def run_paired(args) -> List[Dict]:
+    """Every model in this process; training steps and inference calls alternate between the models
+    (order reversed every iteration), so that machine drift hits all of them alike."""
+    dev = _prepare_device(args)
+    names = list(args.models)
+    models = {name: build_model(name, args) for name in names}
+    batch = synthetic_batch(args.batch, args, args.seed)
+    steps = {name: make_train_step(models[name], args, batch) for name in names}
+    for name in names:
+        for _ in range(args.warmup):
+            steps[name]()
+    dev.synchronize(args.device)
+    times = {name: [] for name in names}
+    finite = {name: True for name in names}
+    for i in range(args.iters):
+        for name in names if i % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            loss = steps[name]()
+            dev.synchronize(args.device)
+            times[name].append(time.perf_counter() - t0)
+            finite[name] &= bool(torch.isfinite(loss).item())
+    infer = synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False)
+    infer_times = {name: [] for name in names}
+    with torch.no_grad():
+        for name in names:
+            models[name].eval()
+            for _ in range(2):
+                with _autocast(args):
+                    models[name](infer)
+        for i in range(args.infer_iters):
+            for name in names if i % 2 == 0 else reversed(names):
+                t0 = time.perf_counter()
+                with _autocast(args):
+                    models[name](infer)
+                dev.synchronize(args.device)
+                infer_times[name].append(time.perf_counter() - t0)
+    results = []
+    for name in names:
+        train, inf = statistics.median(times[name]), statistics.median(infer_times[name])
+        results.append(
+            {
+                "model": name,
+                "train_ms_per_iter": 1000 * train,
+                "train_ms_all": [round(1000 * t, 2) for t in times[name]],
+                "train_images_per_sec": args.batch / train,
+                "train_loss_finite": finite[name],
+                "train_peak_mem_gib": None,
+                "infer_ms_per_iter": 1000 * inf,
+                "infer_images_per_sec": args.infer_batch / inf,
+                "infer_peak_mem_gib": None,
+                "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            }
+        )
+    return results
+
+
+def run_worker(name: str, args) -> Dict:
+    dev = _prepare_device(args)
+    model = build_model(name, args)
+    batch = synthetic_batch(args.batch, args, args.seed)
+    step = make_train_step(model, args, batch)
+
     for _ in range(args.warmup):
         step()
     dev.synchronize(args.device)
@@ -197,10 +320,13 @@ def run_worker(name: str, args) -> Dict:
         dev.synchronize(args.device)
         times.append(time.perf_counter() - t0)
     train_peak = dev.max_memory_allocated(args.device)
+    median = statistics.median(times)
     result = {
         "model": name,
-        "train_ms_per_iter": 1000 * sum(times) / len(times),
-        "train_images_per_sec": args.batch * len(times) / sum(times),
+        "train_ms_per_iter": 1000 * median,
+        "train_ms_per_iter_mean": 1000 * sum(times) / len(times),
+        "train_ms_all": [round(1000 * t, 2) for t in times],
+        "train_images_per_sec": args.batch / median,
         "train_loss_finite": bool(torch.isfinite(loss).item()),
         "train_peak_mem_gib": None if train_peak is None else train_peak / 2**30,
     }
@@ -211,10 +337,13 @@ def run_worker(name: str, args) -> Dict:
         activities = [ProfilerActivity.CPU]
         if torch.device(args.device).type == "cuda":
             activities.append(ProfilerActivity.CUDA)
+        handles = _range_hooks(getattr(model.backbone, "bottom_up", None), "bench.resnet")
         with profile(activities=activities) as prof:
             for _ in range(3):
                 step()
             dev.synchronize(args.device)
+        for h in handles:
+            h.remove()
         result["profile_ms_per_iter"] = _phase_breakdown(prof, 3)
 
     model.eval()
@@ -225,17 +354,19 @@ def run_worker(name: str, args) -> Dict:
                 model(infer)
         dev.synchronize(args.device)
         dev.reset_peak_memory_stats(args.device)
-        t0 = time.perf_counter()
+        infer_times = []
         for _ in range(args.infer_iters):
+            t0 = time.perf_counter()
             with _autocast(args):
                 model(infer)
-        dev.synchronize(args.device)
-        dt = time.perf_counter() - t0
+            dev.synchronize(args.device)
+            infer_times.append(time.perf_counter() - t0)
     infer_peak = dev.max_memory_allocated(args.device)
+    infer_median = statistics.median(infer_times)
     result.update(
         {
-            "infer_ms_per_iter": 1000 * dt / args.infer_iters,
-            "infer_images_per_sec": args.infer_batch * args.infer_iters / dt,
+            "infer_ms_per_iter": 1000 * infer_median,
+            "infer_images_per_sec": args.infer_batch / infer_median,
             "infer_peak_mem_gib": None if infer_peak is None else infer_peak / 2**30,
             "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         }
@@ -243,22 +374,55 @@ def run_worker(name: str, args) -> Dict:
     return result
 
 
+def _range_hooks(module, name: str):
+    """Wrap every forward of ``module`` in a profiler range ``name`` (hooks; the model code is untouched)."""
+    if module is None:
+        return []
+    open_ranges = []
+
+    def enter(_module, _inputs):
+        rng = torch.autograd.profiler.record_function(name)
+        rng.__enter__()
+        open_ranges.append(rng)
+
+    def leave(_module, _inputs, _outputs):
+        open_ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
 def _phase_breakdown(prof, steps: int) -> Dict[str, float]:
-    """Milliseconds per training step spent in each record_function range (device time on accelerators)."""
+    """Milliseconds per training step spent in each record_function range (device time on accelerators).
+
+    "bench.resnet" is the ResNet (``backbone.bottom_up``) inside "fsaf.backbone"; "bench.fpn" is the rest of
+    the backbone range (lateral and output convs, top block).
+    """
     out = {}
     for evt in prof.key_averages():
         if evt.key in PHASES:
             device_us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
             us = device_us if device_us > 0 else evt.cpu_time_total
             out[evt.key] = us / 1000.0 / steps
+    if "fsaf.backbone" in out and "bench.resnet" in out:
+        out["bench.fpn"] = out["fsaf.backbone"] - out["bench.resnet"]
     return {k: out[k] for k in PHASES if k in out}
 
 
-def format_table(results: List[Dict], args) -> str:
+def round_ratios(rounds: List[List[Dict]], name: str, base: str = "retinanet") -> List[float]:
+    """Training-step time of ``name`` over ``base`` in each round (the two ran back to back)."""
+    out = []
+    for per_model in rounds:
+        by = {r["model"]: r for r in per_model if "error" not in r}
+        if name in by and base in by:
+            out.append(by[name]["train_ms_per_iter"] / by[base]["train_ms_per_iter"])
+    return out
+
+
+def format_table(results: List[Dict], args, rounds: Optional[List[List[Dict]]] = None) -> str:
     rows = [
         f"device={args.device} batch={args.batch} size={args.size} depth=R{args.depth} amp={args.amp} "
-        f"boxes/img={args.boxes} iters={args.iters} (+{args.warmup} warm-up) channels_last={args.channels_last} "
-        f"torch={torch.__version__}",
+        f"boxes/img={args.boxes} iters={args.iters} (+{args.warmup} warm-up) rounds={args.rounds} paired={args.paired} "
+        f"memory_format={args.memory_format} torch={torch.__version__}; times are medians",
         "| model | train img/s | train ms/iter | train peak GiB | infer img/s (batch %d) | max RSS GiB | loss finite |"
         % args.infer_batch,
         "|---|---|---|---|---|---|---|",
@@ -272,16 +436,24 @@ def format_table(results: List[Dict], args) -> str:
             f"| {r['model']} | {r['train_images_per_sec']:.2f} | {r['train_ms_per_iter']:.1f} | {peak} | "
             f"{r['infer_images_per_sec']:.2f} | {r['max_rss_gib']:.2f} | {r['train_loss_finite']} |"
         )
-    base = {r["model"]: r for r in results if "error" not in r}
-    if "retinanet" in base:
-        ref = base["retinanet"]
-        for name, r in base.items():
-            if name != "retinanet":
-                rows.append(
-                    f"{name} / retinanet: training step time x{r['train_ms_per_iter'] / ref['train_ms_per_iter']:.3f}, "
+    ok = {r["model"]: r for r in results if "error" not in r}
+    base = "retinanet" if "retinanet" in ok else (results[0]["model"] if results else None)
+    if base in ok:
+        ref = ok[base]
+        for name, r in ok.items():
+            if name != base:
+                line = (
+                    f"{name} / {base}: training step time x{r['train_ms_per_iter'] / ref['train_ms_per_iter']:.3f}, "
                     f"training img/s x{r['train_images_per_sec'] / ref['train_images_per_sec']:.3f}, "
                     f"inference img/s x{r['infer_images_per_sec'] / ref['infer_images_per_sec']:.3f}"
                 )
+                per_round = round_ratios(rounds or [], name, base)
+                if len(per_round) > 1:
+                    line += (
+                        f"; step time ratio per round {' '.join(f'{x:.3f}' for x in per_round)} "
+                        f"(median {statistics.median(per_round):.3f})"
+                    )
+                rows.append(line)
     for r in results:
         if "profile_ms_per_iter" in r:
             rows.append(f"profile of {r['model']} (ms per step): " + ", ".join(
@@ -291,27 +463,90 @@ def format_table(results: List[Dict], args) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.channels_last:
+        args.memory_format = "channels_last"
+    if args.worker == "paired":
+        print("RESULT " + json.dumps(run_paired(args)), flush=True)
+        return 0
     if args.worker:
         print("RESULT " + json.dumps(run_worker(args.worker, args)), flush=True)
         return 0
     argv = list(sys.argv[1:] if argv is None else argv)
-    results = []
-    for name in args.models:
-        cmd = [sys.executable, "-m", "fsaf_d2.benchmark", *argv, "--worker", name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            results.append({"model": name, "error": " / ".join(tail)[-300:]})
-        else:
-            results.append(json.loads(lines[-1][len("RESULT "):]))
-        print(f"[benchmark] {name}: done", file=sys.stderr, flush=True)
-    table = format_table(results, args)
+    if args.paired:
+        return _main_paired(args, argv)
+    rounds = []
+    for k in range(max(args.rounds, 1)):
+        order = list(args.models) if k % 2 == 0 else list(reversed(args.models))
+        runs = {}
+        for name in order:
+            worker_argv = list(argv)
+            if k > 0 and "--profile" in worker_argv:  # profile once, in the first round
+                worker_argv.remove("--profile")
+            runs[name] = _run_in_subprocess(name, worker_argv)
+            print(f"[benchmark] round {k + 1}/{args.rounds} {name}: done", file=sys.stderr, flush=True)
+        rounds.append([runs[name] for name in args.models])
+    return _report(args, rounds)
+
+
+def _report(args, rounds: List[List[Dict]]) -> int:
+    """Print the table of the rounds' medians and write the JSON; exit status 1 if any model failed."""
+    results = combine_rounds(rounds)
+    table = format_table(results, args, rounds)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "results": results, "table": table}, f, indent=2)
+            json.dump(
+                {"args": vars(args), "torch": torch.__version__, "results": results, "rounds": rounds, "table": table},
+                f,
+                indent=2,
+            )
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _main_paired(args, argv: List[str]) -> int:
+    rounds = []
+    for k in range(max(args.rounds, 1)):
+        out = _run_in_subprocess("paired", argv)
+        if "error" in out:
+            rounds.append([{"model": name, "error": out["error"]} for name in args.models])
+        else:
+            rounds.append(out)
+        print(f"[benchmark] paired round {k + 1}/{args.rounds}: done", file=sys.stderr, flush=True)
+    return _report(args, rounds)
+
+
+def _run_in_subprocess(name: str, argv: List[str]):
+    cmd = [sys.executable, "-m", "fsaf_d2.benchmark", *argv, "--worker", name]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"model": name, "error": " / ".join(tail)[-300:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+_MEDIAN_KEYS = ("train_ms_per_iter", "train_images_per_sec", "infer_ms_per_iter", "infer_images_per_sec")
+
+
+def combine_rounds(rounds: List[List[Dict]]) -> List[Dict]:
+    """One result per model: the first round's record, with the timing figures replaced by their median
+    over rounds (a model that failed in any round is reported with its error)."""
+    combined = []
+    for per_model in zip(*rounds):
+        failed = [r for r in per_model if "error" in r]
+        if failed:
+            combined.append(failed[0])
+            continue
+        r = dict(per_model[0])
+        for key in _MEDIAN_KEYS:
+            r[key] = statistics.median(x[key] for x in per_model)
+        r["rounds"] = len(per_model)
+        for key in ("train_peak_mem_gib", "infer_peak_mem_gib", "max_rss_gib"):
+            values = [x[key] for x in per_model if x.get(key) is not None]
+            r[key] = max(values) if values else None
+        r["train_loss_finite"] = all(x["train_loss_finite"] for x in per_model)
+        combined.append(r)
+    return combined
 
 
 if __name__ == "__main__":

@@ -1,0 +1,157 @@
+"""Throughput of fsaf_d2's training data path: JPEG decode, resize, flip, annotations -> Instances, batching.
+
+    python -m fsaf_d2.benchmark_data --images 64 --size 480x640 --batch 16 --workers 0 2 --backends pil cv2
+
+It writes ``--images`` synthetic COCO-like JPEGs (``--size`` HxW, smooth content plus noise, ``--boxes``
+boxes each over 80 categories) and a COCO json to a temporary folder, registers them, and times the loader
+that ``train_net.py`` builds (:func:`fsaf_d2.data.build_fsaf_train_loader`, the FSAF R50 config's
+augmentation: shortest edge 800, longest at most 1333, random flip) for each number of loader workers and
+resize backend. With 0 workers the figure is what one CPU core delivers; a GPU step of B images that takes
+T seconds needs ``B / T`` images/s from the loader to never wait.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=64, help="synthetic images in the dataset")
+    p.add_argument("--size", default="480x640", help="HxW of the stored JPEGs (COCO's typical 480x640)")
+    p.add_argument("--boxes", type=int, default=7, help="objects per image (COCO averages 7.3)")
+    p.add_argument("--batch", type=int, default=16, help="images per batch (SOLVER.IMS_PER_BATCH)")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DATALOADER.NUM_WORKERS values")
+    p.add_argument("--backends", nargs="+", default=["pil", "cv2"], choices=["pil", "cv2"], help="INPUT.RESIZE_BACKEND")
+    p.add_argument(
+        "--batches", type=int, default=24,
+        help="timed batches per setting; keep it well above 2 x workers, the batches the workers prefetch",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=-1,
+        help="untimed batches per setting (worker start-up); -1 = 2 x workers + 1, which empties the prefetch queue",
+    )
+    p.add_argument("--config-file", default="", help="default: configs/fsaf_R50_FPN_1x.yaml")
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def write_synthetic_coco(root: str, num_images: int, height: int, width: int, boxes: int, seed: int = 0) -> str:
+    """``num_images`` JPEGs under ``root`` and their COCO json (returned path); 80 categories, ids 1..80."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, annotations = [], []
+    for i in range(num_images):
+        coarse = rng.uniform(0, 255, size=(max(height // 16, 2), max(width // 16, 2), 3)).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BILINEAR), dtype=np.float32)
+        pixels = np.clip(smooth + rng.normal(0, 8, size=smooth.shape), 0, 255).astype(np.uint8)
+        name = f"{i:06d}.jpg"
+        Image.fromarray(pixels).save(os.path.join(root, name), quality=90)
+        images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
+        for _ in range(boxes):
+            bw = float(rng.uniform(8, width / 2))
+            bh = float(rng.uniform(8, height / 2))
+            x0 = float(rng.uniform(0, width - bw))
+            y0 = float(rng.uniform(0, height - bh))
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, 81)),
+                    "bbox": [x0, y0, bw, bh],
+                    "area": bw * bh,
+                    "iscrowd": 0,
+                }
+            )
+    categories = [{"id": k, "name": f"class_{k}"} for k in range(1, 81)]
+    path = os.path.join(root, "annotations.json")
+    with open(path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return path
+
+
+def time_loader(cfg, batches: int, warmup: int) -> Dict:
+    """Images/s and seconds per batch of ``build_fsaf_train_loader(cfg)`` over ``batches`` batches."""
+    from fsaf_d2.data import build_fsaf_train_loader
+
+    loader = iter(build_fsaf_train_loader(cfg))
+    for _ in range(warmup):
+        next(loader)
+    waits: List[float] = []
+    sizes = []
+    t_start = time.perf_counter()
+    for _ in range(batches):
+        t0 = time.perf_counter()
+        batch = next(loader)
+        waits.append(time.perf_counter() - t0)
+        sizes.extend(tuple(x["image"].shape[-2:]) for x in batch)
+    total = time.perf_counter() - t_start
+    images = batches * cfg.SOLVER.IMS_PER_BATCH
+    return {
+        "images_per_sec": images / total,
+        "ms_per_batch": 1000 * total / batches,
+        "ms_per_batch_median": 1000 * statistics.median(waits),
+        "mean_output_hw": [float(np.mean([s[0] for s in sizes])), float(np.mean([s[1] for s in sizes]))],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from detectron2.config import get_cfg
+    from detectron2.data.datasets import register_coco_instances
+
+    import fsaf_d2
+
+    h, w = (int(v) for v in args.size.split("x"))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config_file = args.config_file or os.path.join(here, "configs", "fsaf_R50_FPN_1x.yaml")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="fsaf_data_bench_") as root:
+        json_file = write_synthetic_coco(root, args.images, h, w, args.boxes)
+        name = f"fsaf_data_bench_{os.getpid()}"
+        register_coco_instances(name, {}, json_file, root)
+        for backend in args.backends:
+            for workers in args.workers:
+                cfg = get_cfg()
+                fsaf_d2.add_fsaf_config(cfg)
+                cfg.merge_from_file(config_file)
+                cfg.DATASETS.TRAIN = (name,)
+                cfg.SOLVER.IMS_PER_BATCH = args.batch
+                cfg.DATALOADER.NUM_WORKERS = workers
+                cfg.INPUT.RESIZE_BACKEND = backend
+                cfg.SEED = 0
+                warmup = args.warmup if args.warmup >= 0 else 2 * workers + 1
+                r = time_loader(cfg, args.batches, warmup)
+                r.update({"backend": backend, "workers": workers})
+                results.append(r)
+                print(f"[benchmark_data] {backend} workers={workers}: {r['images_per_sec']:.1f} img/s", file=sys.stderr)
+    rows = [
+        f"data loader: {args.images} JPEGs {args.size}, {args.boxes} boxes/img, batch {args.batch}, "
+        f"{args.batches} timed batches (after warm-up), config {os.path.basename(config_file)}, "
+        f"{os.cpu_count()} CPUs",
+        "| resize backend | workers | images/s | ms per batch | mean output HxW |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        hw = r["mean_output_hw"]
+        rows.append(
+            f"| {r['backend']} | {r['workers']} | {r['images_per_sec']:.1f} | {r['ms_per_batch']:.0f} | "
+            f"{hw[0]:.0f}x{hw[1]:.0f} |"
+        )
+    table = "\n".join(rows)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "results": results, "table": table}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

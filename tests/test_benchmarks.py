@@ -1,0 +1,86 @@
+"""The benchmark commands of docs/benchmarks.md run end to end on CPU (tiny settings; no timing asserted)."""
+import json
+import sys
+
+import pytest
+
+from fsaf_d2 import benchmark, benchmark_data
+
+
+def test_combine_rounds_takes_medians_and_reports_failures():
+    rounds = [
+        [{"model": "a", "train_ms_per_iter": t, "train_images_per_sec": 2000 / t, "infer_ms_per_iter": 10.0 * k,
+          "infer_images_per_sec": 100.0 / k, "train_peak_mem_gib": None, "infer_peak_mem_gib": None,
+          "max_rss_gib": float(k), "train_loss_finite": True},
+         {"model": "b", "error": "boom"} if k == 2 else
+         {"model": "b", "train_ms_per_iter": 50.0, "train_images_per_sec": 40.0, "infer_ms_per_iter": 5.0,
+          "infer_images_per_sec": 200.0, "train_peak_mem_gib": None, "infer_peak_mem_gib": None,
+          "max_rss_gib": 1.0, "train_loss_finite": True}]
+        for k, t in ((1, 100.0), (2, 300.0), (3, 200.0))
+    ]
+    a, b = benchmark.combine_rounds(rounds)
+    assert a["train_ms_per_iter"] == 200.0 and a["infer_ms_per_iter"] == 20.0
+    assert a["max_rss_gib"] == 3.0 and a["rounds"] == 3
+    assert b == {"model": "b", "error": "boom"}
+
+
+@pytest.mark.timeout(600)
+def test_model_benchmark_runs_every_model_in_alternating_rounds(tmp_path, monkeypatch):
+    out = tmp_path / "bench.json"
+    monkeypatch.setattr(sys, "argv", ["fsaf_d2.benchmark"])
+    rc = benchmark.main(
+        ["--device", "cpu", "--batch", "1", "--size", "96x128", "--depth", "18", "--iters", "2", "--warmup", "1",
+         "--infer-iters", "1", "--models", "fsaf", "retinanet", "--rounds", "2", "--profile", "--threads", "1",
+         "--out", str(out)]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [[r["model"] for r in rnd] for rnd in data["rounds"]] == [["fsaf", "retinanet"]] * 2
+    fsaf, retina = data["results"]
+    for r in (fsaf, retina):
+        assert r["train_loss_finite"] and r["train_ms_per_iter"] > 0 and r["infer_images_per_sec"] > 0
+        assert len(r["train_ms_all"]) == 2
+    # profile: every phase of the FSAF step, the ResNet and the FPN split out of the backbone range
+    phases = fsaf["profile_ms_per_iter"]
+    for key in ("fsaf.backbone", "bench.resnet", "bench.fpn", "fsaf.head", "fsaf.assignment", "fsaf.dense_losses",
+                "fsaf.selection", "bench.backward", "bench.optimizer"):
+        assert phases[key] >= 0, key
+    assert phases["bench.resnet"] < phases["fsaf.backbone"]
+    assert "step time ratio per round" in data["table"]
+
+
+@pytest.mark.timeout(600)
+def test_paired_benchmark_compares_a_config_change_in_one_process(tmp_path, monkeypatch):
+    out = tmp_path / "paired.json"
+    monkeypatch.setattr(sys, "argv", ["fsaf_d2.benchmark"])
+    variant = "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous"
+    rc = benchmark.main(
+        ["--device", "cpu", "--batch", "1", "--size", "96x128", "--depth", "18", "--iters", "2", "--warmup", "1",
+         "--infer-iters", "1", "--models", variant, "fsaf", "--paired", "--threads", "1", "--out", str(out)]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [r["model"] for r in data["results"]] == [variant, "fsaf"]
+    assert all(r["train_loss_finite"] and len(r["train_ms_all"]) == 2 for r in data["results"])
+    assert f"fsaf / {variant}: training step time x" in data["table"]
+
+
+def test_model_spec_errors_name_the_problem():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--models", "yolo"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--models", "fsaf+MODEL.FSAF.FOLD_FROZEN_BN"])
+    assert benchmark._split_spec("fsaf+A.B=1+C=x") == ("fsaf", ["A.B", "1", "C", "x"])
+
+
+def test_data_benchmark_times_the_training_loader(tmp_path):
+    out = tmp_path / "data.json"
+    rc = benchmark_data.main(
+        ["--images", "4", "--size", "120x160", "--batch", "2", "--workers", "0", "--backends", "pil",
+         "--batches", "2", "--warmup", "1", "--out", str(out)]
+    )
+    assert rc == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["images_per_sec"] > 0
+    # the R50 config's resize (reference): shortest edge 800, longest at most 1333: 120x160 -> 800x1067
+    assert r["mean_output_hw"] == [800.0, 1067.0]
