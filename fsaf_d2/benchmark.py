@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -247,42 +247,53 @@ def make_train_step(model, args, batch):
     return step
 
 
+def make_infer_call(model, args, inputs):
+    """A closure running ``model`` in evaluation mode on ``inputs`` (no grad, the run's AMP setting)."""
+    model.eval()
+
+    def call():
+        with torch.no_grad(), _autocast(args):
+            return model(inputs)
+
+    return call
+
+
+def time_alternating(calls: Dict[str, Callable], iters: int, device: str):
+    """Call every function ``iters`` times, the order of the functions reversed every iteration, each call
+    timed up to a device synchronisation. Returns ({name: [seconds]}, {name: [return values]})."""
+    from fsaf_d2.engine import device as dev
+
+    names = list(calls)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    outputs: Dict[str, list] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names if i % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            out = calls[name]()
+            dev.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+            outputs[name].append(out)
+    return times, outputs
+
+
+def _all_finite(losses) -> bool:
+    return all(bool(torch.isfinite(x).item()) for x in losses)
+
+
 def run_paired(args) -> List[Dict]:
     """Every model in this process; training steps and inference calls alternate between the models
     (order reversed every iteration), so that machine drift hits all of them alike."""
-    dev = _prepare_device(args)
+    _prepare_device(args)
     names = list(args.models)
     models = {name: build_model(name, args) for name in names}
     batch = synthetic_batch(args.batch, args, args.seed)
     steps = {name: make_train_step(models[name], args, batch) for name in names}
-    for name in names:
-        for _ in range(args.warmup):
-            steps[name]()
-    dev.synchronize(args.device)
-    times = {name: [] for name in names}
-    finite = {name: True for name in names}
-    for i in range(args.iters):
-        for name in names if i % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            loss = steps[name]()
-            dev.synchronize(args.device)
-            times[name].append(time.perf_counter() - t0)
-            finite[name] &= bool(torch.isfinite(loss).item())
+    time_alternating(steps, args.warmup, args.device)
+    times, losses = time_alternating(steps, args.iters, args.device)
     infer = synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False)
-    infer_times = {name: [] for name in names}
-    with torch.no_grad():
-        for name in names:
-            models[name].eval()
-            for _ in range(2):
-                with _autocast(args):
-                    models[name](infer)
-        for i in range(args.infer_iters):
-            for name in names if i % 2 == 0 else reversed(names):
-                t0 = time.perf_counter()
-                with _autocast(args):
-                    models[name](infer)
-                dev.synchronize(args.device)
-                infer_times[name].append(time.perf_counter() - t0)
+    calls = {name: make_infer_call(models[name], args, infer) for name in names}
+    time_alternating(calls, 2, args.device)
+    infer_times, _ = time_alternating(calls, args.infer_iters, args.device)
     results = []
     for name in names:
         train, inf = statistics.median(times[name]), statistics.median(infer_times[name])
@@ -292,7 +303,7 @@ def run_paired(args) -> List[Dict]:
                 "train_ms_per_iter": 1000 * train,
                 "train_ms_all": [round(1000 * t, 2) for t in times[name]],
                 "train_images_per_sec": args.batch / train,
-                "train_loss_finite": finite[name],
+                "train_loss_finite": _all_finite(losses[name]),
                 "train_peak_mem_gib": None,
                 "infer_ms_per_iter": 1000 * inf,
                 "infer_images_per_sec": args.infer_batch / inf,
@@ -309,16 +320,10 @@ def run_worker(name: str, args) -> Dict:
     batch = synthetic_batch(args.batch, args, args.seed)
     step = make_train_step(model, args, batch)
 
-    for _ in range(args.warmup):
-        step()
-    dev.synchronize(args.device)
+    time_alternating({name: step}, args.warmup, args.device)
     dev.reset_peak_memory_stats(args.device)
-    times = []
-    for _ in range(args.iters):
-        t0 = time.perf_counter()
-        loss = step()
-        dev.synchronize(args.device)
-        times.append(time.perf_counter() - t0)
+    times, losses = time_alternating({name: step}, args.iters, args.device)
+    times = times[name]
     train_peak = dev.max_memory_allocated(args.device)
     median = statistics.median(times)
     result = {
@@ -327,7 +332,7 @@ def run_worker(name: str, args) -> Dict:
         "train_ms_per_iter_mean": 1000 * sum(times) / len(times),
         "train_ms_all": [round(1000 * t, 2) for t in times],
         "train_images_per_sec": args.batch / median,
-        "train_loss_finite": bool(torch.isfinite(loss).item()),
+        "train_loss_finite": _all_finite(losses[name][-1:]),
         "train_peak_mem_gib": None if train_peak is None else train_peak / 2**30,
     }
 
@@ -346,23 +351,12 @@ def run_worker(name: str, args) -> Dict:
             h.remove()
         result["profile_ms_per_iter"] = _phase_breakdown(prof, 3)
 
-    model.eval()
-    infer = synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False)
-    with torch.no_grad():
-        for _ in range(2):
-            with _autocast(args):
-                model(infer)
-        dev.synchronize(args.device)
-        dev.reset_peak_memory_stats(args.device)
-        infer_times = []
-        for _ in range(args.infer_iters):
-            t0 = time.perf_counter()
-            with _autocast(args):
-                model(infer)
-            dev.synchronize(args.device)
-            infer_times.append(time.perf_counter() - t0)
+    call = make_infer_call(model, args, synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False))
+    time_alternating({name: call}, 2, args.device)
+    dev.reset_peak_memory_stats(args.device)
+    infer_times, _ = time_alternating({name: call}, args.infer_iters, args.device)
     infer_peak = dev.max_memory_allocated(args.device)
-    infer_median = statistics.median(infer_times)
+    infer_median = statistics.median(infer_times[name])
     result.update(
         {
             "infer_ms_per_iter": 1000 * infer_median,

@@ -191,8 +191,9 @@ def match_detections(ours, ref):
 
 # ---------------------------------------------------------------------------------------------- comparisons
 @torch.no_grad()
-def compare_case(model, case):
-    """Run fsaf_d2 on one fixture case; returns {quantity: measured difference} and raw results."""
+def compare_case(model, case, keep_detections=False):
+    """Run fsaf_d2 on one fixture case; returns {quantity: measured difference} and raw results
+    (with ``keep_detections``, also fsaf_d2's detections under "_detections")."""
     from detectron2.structures import ImageList
 
     from fsaf_d2.modeling.fsaf import pad_ground_truth
@@ -283,6 +284,8 @@ def compare_case(model, case):
     # inference from the same head outputs, rescale=False: boxes in input-image coordinates
     dets = model.forward_inference(images, feats, (logits, deltas))
     res.update(_compare_detections(dets, case["detections"], "detections"))
+    if keep_detections:
+        res["_detections"] = dets
     return res
 
 
@@ -554,26 +557,11 @@ def main():
         print(f"| {k} | " + " | ".join(vals) + " |")
 
 
-if __name__ == "__main__":
-    main()
-
-
 @pytest.fixture(scope="module")
 def results_channels_last(fixture, converted):
     m, _ = build_model(fixture, converted[0], **{"MODEL.FSAF.MEMORY_FORMAT": "channels_last"})
     assert m.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
-    cases = {}
-    for c in fixture["cases"]:
-        res = compare_case(m, c)
-        from detectron2.structures import ImageList
-
-        with torch.no_grad():
-            images = ImageList(c["batch"], [tuple(s) for s in c["image_sizes"]])
-            feats = m.backbone(images.tensor)
-            feats = [feats[f] for f in m.head_in_features]
-            res["_detections"] = m.forward_inference(images, feats, m.head(feats))
-        cases[c["name"]] = res
-    return cases
+    return {c["name"]: compare_case(m, c, keep_detections=True) for c in fixture["cases"]}
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
@@ -611,3 +599,7 @@ def test_channels_last_layout_stays_within_rounding(fixture, results_channels_la
         for s in [ref["scores"][k] for k in um_ref] + [d.scores[k] for k in um_ours]:
             at_tie = min(abs(s - last_ref), abs(s - last_ours), abs(s - thresh)) <= SCORE_ATOL
             assert at_tie, (name, float(s), float(last_ref), float(last_ours))
+
+
+if __name__ == "__main__":
+    main()
