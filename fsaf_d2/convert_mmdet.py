@@ -13,7 +13,7 @@ the matching config (``configs/fsaf_R50_FPN_1x.yaml`` etc.).
 Supported: ResNet-18/34 (basic blocks), ResNet-50/101/152 (bottleneck), ResNeXt (e.g. 101 64x4d),
 pytorch style, plain BN; mmdet ``FPN`` with ``start_level`` C3 and two extra convs (P6 from C5 =
 ``neck.fpn_convs.3``, P7 from P6 = ``neck.fpn_convs.4``); ``FSAFHead`` / ``RetinaHead`` without norm.
-Mapping (FSAF_SPEC section 12.2)::
+Mapping (docs/algorithm.md#mmdetection-checkpoint-names)::
 
     backbone.conv1.weight                     -> backbone.bottom_up.stem.conv1.weight
     backbone.bn1.X                            -> backbone.bottom_up.stem.conv1.norm.X
@@ -283,7 +283,7 @@ def convert_mmdet_state_dict(state_dict, verbose=False):
             lines += [f"  {k} {tuple(sd[k].shape)}" for k in unmapped]
             lines.append(
                 "Supported: pytorch-style ResNet/ResNeXt with BN, mmdet FPN (C3-C5 + P6/P7) and FSAFHead "
-                "without norm (FSAF_SPEC section 12)."
+                "without norm (docs/algorithm.md#mmdetection-checkpoint-names)."
             )
         lines += problems
         raise ConversionError("\n".join(lines))

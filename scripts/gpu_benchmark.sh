@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One-GPU check and benchmark for a machine without network (e.g. the lent H100/H200):
+# One-GPU check and benchmark for a machine without network (e.g. one H100 or H200):
 #   1. installs Detectron2 and its pure-Python dependencies offline from wheels in $WHL (default .whl/,
-#      fetched beforehand with shared/baselines/d2_gpu/fetch_wheels.sh .whl on a machine with PyPI);
+#      filled beforehand on a machine with PyPI, see docs/benchmarks.md#bringing-the-wheels-to-a-machine-without-network);
 #   2. runs python -m fsaf_d2.benchmark: FSAF vs Detectron2's RetinaNet (+ static FSAF, the combined
 #      model, FCOS) at batch 16, 800x1344, AMP fp16, each model as shipped and all in NCHW, with a profile,
 #      before/after pairs of channels-last and FrozenBN folding (--paired), and python -m

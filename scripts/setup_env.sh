@@ -8,7 +8,7 @@
 #
 # Detectron2 has no official PyPI release. If the interpreter already imports an upstream Detectron2
 # (e.g. installed from its git repository), that install is kept. Otherwise sal-detectron2 0.7.2
-# (upstream main a59f0563 as pure Python) is installed with pip's --target trick, see docs/INSTALL.md.
+# (upstream main a59f0563 as pure Python) is installed with pip's --target trick, see docs/install.md.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

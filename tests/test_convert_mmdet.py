@@ -147,7 +147,7 @@ ARCHS = {
     "X101-64x4d": dict(depth=101, groups=64, base_width=4),
 }
 
-# spot checks of the renaming, written out by hand (FSAF_SPEC section 12.2)
+# spot checks of the renaming, written out by hand (docs/algorithm.md#mmdetection-checkpoint-names)
 SPOT = {
     "R18": {
         "backbone.layer1.1.bn2.running_var": "backbone.bottom_up.res2.1.conv2.norm.running_var",

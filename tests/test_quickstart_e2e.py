@@ -4,7 +4,7 @@ Both tests are long (marked ``slow``) and run in CI:
 * ``test_quickstart_pipeline`` runs the script with a shortened schedule: data generation, training
   through train_net.py, COCO evaluation with the AP table, and the demo pictures.
 * ``test_quickstart_reaches_stated_ap`` runs the full default schedule (about 8 minutes on 2 CPU cores)
-  and checks the box AP against the range of runs stated in the README.
+  and checks the box AP against the range of runs stated in docs/quickstart.md.
 """
 import json
 import os
@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# README.md ("Quickstart results"): the AP at the end of this short from-scratch schedule depends on the
+# docs/quickstart.md#run-to-run-spread: the AP at the end of this short from-scratch schedule depends on the
 # exact trajectory (seed, and float rounding: conv layout, CPU kernels). The lowest of the measured runs
 # (3 seeds x 2 layouts) was AP 32.0 / AP50 54.8; the check sits 4 points below it. A broken model
 # (wrong targets, levels or losses) stays under AP 10.

@@ -1,7 +1,7 @@
 """CenterRegion target assignment of FSAF, vectorised over images, priors and objects.
 
 Every rule follows the reference (mmdetection v2.28.2 ``CenterRegionAssigner`` and
-``FSAFHead._get_targets_single``); FSAF_SPEC.md §4 gives the sources. Shapes:
+``FSAFHead._get_targets_single``); docs/algorithm.md#centerregion-assignment describes them. Shapes:
 
 * N images, R priors (all levels concatenated, shared by the images), G ground-truth slots per image
   (padded; ``gt_valid`` marks the real ones), C classes.

@@ -66,7 +66,7 @@ def choose_fixed_size(image_sizes: Sequence[Tuple[int, int]], fixed_sizes: Seque
 @META_ARCH_REGISTRY.register()
 class FSAF(DenseDetector):
     """FSAF: an anchor-free head on every FPN level, each object trained on the level where its loss
-    is lowest (online feature selection). See FSAF_SPEC.md for the reference behaviour.
+    is lowest (online feature selection). See docs/algorithm.md for the reference behaviour.
     """
 
     @configurable

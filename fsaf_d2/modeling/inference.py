@@ -1,4 +1,4 @@
-"""FSAF inference: per-level candidate selection and class-aware NMS (FSAF_SPEC.md §8); decoding is
+"""FSAF inference: per-level candidate selection and class-aware NMS (docs/algorithm.md#inference); decoding is
 :func:`fsaf_d2.modeling.box_coder.tblr_decode`."""
 from typing import List, Tuple
 

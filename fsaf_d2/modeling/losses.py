@@ -1,7 +1,7 @@
 """FSAF losses: focal + IoU loss, online feature selection, re-weighting and normalisation.
 
 Pure tensor functions, vectorised over images, levels, priors and objects, without host
-synchronisation (no ``.item()``, ``nonzero`` or boolean indexing). FSAF_SPEC.md §5-§7 gives the
+synchronisation (no ``.item()``, ``nonzero`` or boolean indexing). docs/algorithm.md#training-loss gives the
 reference behaviour they reproduce (mmdetection v2.28.2 ``FSAFHead.loss``).
 
 Shapes: N images, R priors (levels concatenated; level l owns a contiguous range of

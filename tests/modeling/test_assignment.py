@@ -1,4 +1,4 @@
-"""Hand-built cases for every CenterRegion rule (FSAF_SPEC.md §4)."""
+"""Hand-built cases for every CenterRegion rule (docs/algorithm.md#centerregion-assignment)."""
 import torch
 
 from fsaf_d2.modeling.assignment import assign_center_region, pairwise_iof

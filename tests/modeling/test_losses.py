@@ -1,4 +1,4 @@
-"""Level selection, re-weighting, normalisation and loss values (FSAF_SPEC.md §5-§7)."""
+"""Level selection, re-weighting, normalisation and loss values (docs/algorithm.md#training-loss)."""
 import math
 
 import pytest

@@ -57,7 +57,7 @@ DEFAULT_OUT = os.path.join(HERE, "fixtures", "mmdet_fsaf_r18.pt.xz")
 
 NUM_CLASSES = 10
 FPN_CHANNELS = 64
-PIXEL_MEAN = [123.675, 116.28, 103.53]  # RGB, mmdet img_norm_cfg / FSAF_SPEC 9.1
+PIXEL_MEAN = [123.675, 116.28, 103.53]  # RGB, mmdet img_norm_cfg / docs/algorithm.md#reference-training-settings
 PIXEL_STD = [58.395, 57.12, 57.375]
 TEST_CFG = dict(score_thr=0.05, nms_pre=1000, nms_iou=0.5, max_per_img=100)  # released config
 ALT_TEST_CFG = dict(score_thr=0.3, nms_pre=50, nms_iou=0.5, max_per_img=100)

@@ -45,7 +45,7 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(FIXTURE), reason=f"parity fix
 
 # ---------------------------------------------------------------------------------------------- helpers
 def fsaf_cfg(fixture, **overrides):
-    """fsaf_d2 config matching the fixture's mmdet model (FSAF_SPEC section 12.2)."""
+    """fsaf_d2 config matching the fixture's mmdet model (docs/algorithm.md#mmdetection-checkpoint-names)."""
     from detectron2.config import get_cfg
 
     import fsaf_d2
