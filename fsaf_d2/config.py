@@ -1,30 +1,24 @@
-"""Config keys of fsaf_d2.
+"""Config keys of the FSAF model and its input, and the allowed values of fsaf_d2's multiple-choice keys.
 
 ``add_fsaf_config(cfg)`` only *adds* keys (Detectron2 plugin convention); it must run before
-``cfg.merge_from_file``. Every key is documented next to its default. Keys outside ``MODEL.FSAF`` are
-the device/AMP/data keys that stock Detectron2 lacks; they are added only when missing, so an
-upstream Detectron2 that already has one keeps its own default.
+``cfg.merge_from_file``. Every key is documented next to its default. The ``INPUT`` keys that stock
+Detectron2 lacks are added only when missing, so an upstream Detectron2 that already has one keeps its own
+default. The training engine's keys (AMP, NPU runtime, ...) and the rules that depend on ``MODEL.DEVICE``
+are in :mod:`fsaf_d2.engine.config`, whose ``build_config`` builds the full config.
 """
-import torch
 from detectron2.config import CfgNode as CN
 
-__all__ = [
-    "add_fsaf_config",
-    "FSAF_VALID_CHOICES",
-    "validate_fsaf_config",
-    "apply_static_shape_defaults",
-    "resolve_memory_format",
-    "NPU_DEFAULT_MAX_GT",
-]
+__all__ = ["add_fsaf_config", "add_if_missing", "FSAF_VALID_CHOICES", "check_choice", "validate_fsaf_config"]
 
 
-def _add_if_missing(node, key, value):
+def add_if_missing(node, key, value):
+    """``node[key] = value`` unless ``node`` already has ``key``."""
     if key not in node:
         node[key] = value
 
 
 def add_fsaf_config(cfg):
-    """Add every fsaf_d2 key with its default to a Detectron2 ``CfgNode`` (in place)."""
+    """Add the keys of the FSAF model and its input, with their defaults, to a Detectron2 ``CfgNode`` (in place)."""
     _C = cfg
 
     # ------------------------------------------------------------------ model: FSAF head and losses
@@ -76,7 +70,8 @@ def add_fsaf_config(cfg):
     _C.MODEL.FSAF.TOPK_RULE = "pairs"
     # static shapes (NPU / torch.compile): pad ground truth of every image to MAX_GT boxes with a
     # validity mask (0 = pad to the largest image of the batch, dynamic). An image with more boxes
-    # fails with an error naming this key. On npu, 0 means NPU_DEFAULT_MAX_GT (see apply_static_shape_defaults).
+    # fails with an error naming this key. On npu, 0 means fsaf_d2.engine.config.NPU_DEFAULT_MAX_GT
+    # (fsaf_d2.engine.config.apply_static_shape_defaults).
     _C.MODEL.FSAF.MAX_GT = 0
     # combined model (paper Fig. 4): RetinaNet anchor-based outputs (MODEL.RETINANET.*, MODEL.ANCHOR_GENERATOR.*)
     # on the same towers; total loss = anchor-based + AF_LOSS_WEIGHT * (FSAF cls + FSAF box)
@@ -84,8 +79,11 @@ def add_fsaf_config(cfg):
     _C.MODEL.FSAF.AF_LOSS_WEIGHT = 0.5
 
     # memory layout of the model's conv weights and activations: "channels_last" (NHWC), "contiguous"
-    # (NCHW) or "auto" = channels_last on cpu and cuda (measured faster: docs/benchmarks.md), contiguous on
-    # npu (torch_npu has no channels_last). Numerics differ only by float rounding.
+    # (NCHW) or "auto" = the device's layout, chosen by fsaf_d2.engine.build_config (the config of
+    # train_net.py and the tools): channels_last on cpu and cuda (measured faster: docs/benchmarks.md),
+    # contiguous on npu (torch_npu has no channels_last). The model itself applies only an explicit layout:
+    # Detectron2's build_model(cfg) on a config that did not go through that builder builds "auto" as NCHW.
+    # Numerics differ only by float rounding.
     _C.MODEL.FSAF.MEMORY_FORMAT = "auto"
     # compute every Conv2d + FrozenBatchNorm2d of the model as one convolution with per-channel scaled
     # weights and a bias (fsaf_d2.modeling.frozen_bn): same parameters and checkpoint keys, float
@@ -100,108 +98,45 @@ def add_fsaf_config(cfg):
     # ------------------------------------------------------------------ input
     # static input buckets, e.g. [[800, 1344], [1344, 800]] (H, W): every batch is padded to the
     # smallest bucket (by area) that contains all of its images; [] = dynamic (pad to batch max / 32).
-    # On npu, [] means the two orientation buckets of the resize settings (apply_static_shape_defaults).
-    _add_if_missing(_C.INPUT, "FIXED_SIZES", [])
+    # On npu, [] means the two orientation buckets of the resize settings
+    # (fsaf_d2.engine.config.apply_static_shape_defaults).
+    add_if_missing(_C.INPUT, "FIXED_SIZES", [])
     # "pil" (Detectron2 default, antialiased) or "cv2" (cv2.INTER_LINEAR, as mmdetection resizes)
-    _add_if_missing(_C.INPUT, "RESIZE_BACKEND", "pil")
-
-    # ------------------------------------------------------------------ solver / AMP
-    # SOLVER.AMP.PRECISION: "float16" or "bfloat16" (CPU autocast supports bfloat16 only)
-    _add_if_missing(_C.SOLVER.AMP, "PRECISION", "float16")
-    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE accepts "full_model": one global L2 norm over all parameters
-    # (reference: max 10), applied to unscaled gradients under AMP. "value"/"norm" keep Detectron2's
-    # per-parameter meaning.
-    # Fused SGD of torch_npu (torch_npu.optim.NpuFusedSGD) when MODEL.DEVICE is npu
-    _add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
-    # iterations excluded from the images/s figure in the training log
-    _add_if_missing(_C.SOLVER, "THROUGHPUT_WARMUP_ITERS", 5)
-    # with SEED >= 0: restart the training data stream from a seed derived from (SEED, iteration //
-    # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
-    # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
-    _add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
-
-    # ------------------------------------------------------------------ Ascend NPU runtime
-    _C.NPU = CN()
-    # torch_npu.npu.set_compile_mode(jit_compile=...): False = prebuilt binary kernels (recommended)
-    _C.NPU.JIT_COMPILE = False
-    # environment defaults set in each worker when not already set, "KEY=VALUE" strings, e.g.
-    # ["TASK_QUEUE_ENABLE=2", "CPU_AFFINITY_CONF=1", "HCCL_CONNECT_TIMEOUT=1200"]
-    _C.NPU.ENV = []
-    # allow HF32 (TF32-like) in convolutions and matmuls
-    _C.NPU.ALLOW_HF32 = True
+    add_if_missing(_C.INPUT, "RESIZE_BACKEND", "pil")
     return cfg
 
 
-NPU_DEFAULT_MAX_GT = 128
-
-
-def _ceil32(v: int) -> int:
-    return int(-(-int(v) // 32) * 32)
-
-
-def apply_static_shape_defaults(cfg):
-    """Static shapes by default on Ascend NPUs (unfrozen ``cfg``, in place; returns whether it changed).
-
-    With ``MODEL.DEVICE`` npu and no explicit choice: ``INPUT.FIXED_SIZES`` becomes the two orientation
-    buckets [short, long] and [long, short] that hold every train and test image after resizing
-    (800 / 1333 -> [[800, 1344], [1344, 800]]), and ``MODEL.FSAF.MAX_GT`` becomes ``NPU_DEFAULT_MAX_GT``.
-    Batches are grouped by orientation (``DATALOADER.ASPECT_RATIO_GROUPING``), so no image is padded to
-    the square. Other devices keep dynamic shapes unless the keys are set.
-    """
-    if not str(cfg.MODEL.DEVICE).startswith("npu"):
-        return False
-    changed = False
-    if not cfg.INPUT.FIXED_SIZES:
-        short = max(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TEST)
-        long = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
-        short, long = _ceil32(short), _ceil32(max(long, short))
-        cfg.INPUT.FIXED_SIZES = [[short, long], [long, short]]
-        changed = True
-    if cfg.MODEL.FSAF.MAX_GT == 0:
-        cfg.MODEL.FSAF.MAX_GT = NPU_DEFAULT_MAX_GT
-        changed = True
-    return changed
-
-
-def resolve_memory_format(choice: str, device) -> torch.memory_format:
-    """``MODEL.FSAF.MEMORY_FORMAT`` for ``MODEL.DEVICE`` -> the layout of the model's 4-D weights.
-
-    "auto": channels_last on cpu and cuda (oneDNN and cuDNN have NHWC convolutions; measured in
-    docs/benchmarks.md), contiguous (NCHW) on npu, whose adapter has no channels_last.
-    "channels_last" / "contiguous" force one; channels_last on npu is refused, naming the key.
-    """
-    device_type = str(device).split(":")[0]
-    if choice == "auto":
-        return torch.contiguous_format if device_type == "npu" else torch.channels_last
-    if choice == "channels_last":
-        if device_type == "npu":
-            raise ValueError(
-                "MODEL.FSAF.MEMORY_FORMAT='channels_last' is not supported on npu (torch_npu has no "
-                "channels_last); use 'auto' or 'contiguous'"
-            )
-        return torch.channels_last
-    if choice == "contiguous":
-        return torch.contiguous_format
-    raise ValueError(f"MODEL.FSAF.MEMORY_FORMAT must be 'auto', 'channels_last' or 'contiguous', got {choice!r}")
-
-
+#: Allowed values of every multiple-choice key of fsaf_d2 (model, input and engine keys). Every check of one
+#: of these keys, in the config validation and in the code that reads it, goes through :func:`check_choice`.
 FSAF_VALID_CHOICES = {
     "MODEL.FSAF.LOSS_NORMALIZER": ("exact", "ema"),
     "MODEL.FSAF.TOPK_RULE": ("pairs", "locations"),
     "MODEL.FSAF.MEMORY_FORMAT": ("auto", "channels_last", "contiguous"),
     "INPUT.RESIZE_BACKEND": ("pil", "cv2"),
     "SOLVER.AMP.PRECISION": ("float16", "bfloat16", "fp16", "bf16"),
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": ("value", "norm", "full_model"),
 }
 
 
+def check_choice(key: str, value):
+    """Return ``value`` if :data:`FSAF_VALID_CHOICES` allows it for ``key``, else raise a ``ValueError`` naming both."""
+    choices = FSAF_VALID_CHOICES[key]
+    if value not in choices:
+        raise ValueError(f"Invalid config value {key}={value!r}; expected one of {list(choices)}")
+    return value
+
+
+def _get(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
 def validate_fsaf_config(cfg):
-    """Fail early, naming the key, on values fsaf_d2 cannot use."""
-    for key, choices in FSAF_VALID_CHOICES.items():
-        node = cfg
-        for part in key.split("."):
-            node = node[part]
-        if node not in choices:
-            raise ValueError(f"Invalid config value {key}={node!r}; expected one of {list(choices)}")
+    """Fail early, naming the key, on values of the model's and input's keys that fsaf_d2 cannot use."""
+    for key in ("MODEL.FSAF.LOSS_NORMALIZER", "MODEL.FSAF.TOPK_RULE", "MODEL.FSAF.MEMORY_FORMAT", "INPUT.RESIZE_BACKEND"):
+        check_choice(key, _get(cfg, key))
     f = cfg.MODEL.FSAF
     if f.NUM_CLASSES < 1:
         raise ValueError(f"MODEL.FSAF.NUM_CLASSES must be >= 1, got {f.NUM_CLASSES}")
@@ -217,8 +152,3 @@ def validate_fsaf_config(cfg):
             raise ValueError(
                 f"INPUT.FIXED_SIZES entries must be [H, W] multiples of 32, got {list(cfg.INPUT.FIXED_SIZES)}"
             )
-    clip = cfg.SOLVER.CLIP_GRADIENTS
-    if clip.ENABLED and clip.CLIP_TYPE not in ("value", "norm", "full_model"):
-        raise ValueError(
-            f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'value', 'norm' or 'full_model', got {clip.CLIP_TYPE!r}"
-        )

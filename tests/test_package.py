@@ -10,6 +10,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 import fsaf_d2
 from fsaf_d2.config import validate_fsaf_config
+from fsaf_d2.engine import build_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -82,12 +83,8 @@ def test_unknown_key_fails_with_its_name(tmp_path):
     ],
 )
 def test_bad_values_fail_early_with_the_key(key, value, match):
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "fsaf_R50_FPN_1x.yaml"))
-    cfg.merge_from_list([key, value])
     with pytest.raises(ValueError, match=match):
-        validate_fsaf_config(cfg)
+        build_config(os.path.join(REPO, "configs", "fsaf_R50_FPN_1x.yaml"), [key, value])
 
 
 def test_import_without_detectron2_says_how_to_install():

@@ -12,9 +12,9 @@ from typing import List, Union
 import numpy as np
 from detectron2.data import transforms as T
 
-__all__ = ["RESIZE_BACKENDS", "CV2ResizeTransform", "CV2Resize", "apply_resize_backend", "import_cv2"]
+from ..config import check_choice
 
-RESIZE_BACKENDS = ("pil", "cv2")
+__all__ = ["CV2ResizeTransform", "CV2Resize", "apply_resize_backend", "import_cv2"]
 
 # resize augmentations whose transforms are converted; all take only the image in get_transform
 _RESIZE_AUGMENTATIONS = tuple(
@@ -77,9 +77,7 @@ class CV2Resize(T.Augmentation):
 
 def apply_resize_backend(augmentations: List, backend: str) -> List:
     """Return ``augmentations`` with every resize augmentation using ``backend`` ("pil" or "cv2")."""
-    if backend not in RESIZE_BACKENDS:
-        raise ValueError(f"Invalid INPUT.RESIZE_BACKEND={backend!r}; expected one of {list(RESIZE_BACKENDS)}")
-    if backend == "pil":
+    if check_choice("INPUT.RESIZE_BACKEND", backend) == "pil":
         return list(augmentations)
     import_cv2()  # fail now, not in a data-loader worker
     return [

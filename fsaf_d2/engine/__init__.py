@@ -5,6 +5,7 @@ Import order matters only for NPU: nothing here imports ``torch_npu`` until a de
 """
 from .checkpoint import AtomicCheckpointer, atomic_torch_save
 from .comm import create_ddp_model, patch_detectron2, unpatch_detectron2
+from .config import add_engine_config, apply_device_rules, build_config
 from .device import (
     DeviceError,
     apply_device_runtime,
@@ -17,7 +18,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .launch import launch
 from .train_loop import DeviceTrainer, build_grad_scaler
-from .trainer import Trainer, build_config, device_from_args, pre_launch, prepare_worker, setup
+from .trainer import Trainer, config_from_args, device_from_args, pre_launch, prepare_worker, setup
 
 __all__ = [
     "AtomicCheckpointer",
@@ -27,10 +28,13 @@ __all__ = [
     "DeviceTrainer",
     "ThroughputHook",
     "Trainer",
+    "add_engine_config",
+    "apply_device_rules",
     "apply_device_runtime",
     "atomic_torch_save",
     "build_config",
     "build_grad_scaler",
+    "config_from_args",
     "create_ddp_model",
     "device_from_args",
     "dist_backend",

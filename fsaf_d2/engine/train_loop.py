@@ -20,27 +20,21 @@ import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
+from ..config import check_choice
 from .device import DeviceError, import_torch_npu
 
 __all__ = ["parse_precision", "build_grad_scaler", "DeviceTrainer"]
 
 logger = logging.getLogger(__name__)
 
-_PRECISIONS = {
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-}
+#: the other accepted spellings of SOLVER.AMP.PRECISION (fsaf_d2.config.FSAF_VALID_CHOICES)
+_PRECISION_ALIASES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_precision(name: str) -> torch.dtype:
     """``SOLVER.AMP.PRECISION`` ("float16"/"fp16" or "bfloat16"/"bf16") as a torch dtype."""
-    try:
-        return _PRECISIONS[str(name).lower()]
-    except KeyError:
-        raise ValueError(f"SOLVER.AMP.PRECISION must be float16 or bfloat16, got {name!r}") from None
+    name = check_choice("SOLVER.AMP.PRECISION", name)
+    return getattr(torch, _PRECISION_ALIASES.get(name, name))
 
 
 def check_amp_support(device_type: str, precision: torch.dtype) -> None:

@@ -10,9 +10,10 @@
 * throughput, device memory and evaluation timing use the device's own synchronize/memory calls;
 * with ``SEED >= 0`` and ``DATALOADER.DETERMINISTIC_RESUME``, ``--resume`` reproduces an uninterrupted run.
 
-Helpers for scripts: :func:`build_config` (config from ``args``), :func:`pre_launch` (``MODEL.DEVICE``
-and NPU environment defaults, in the launching process), :func:`setup` (config + logging + worker
-preparation, in every worker), :func:`prepare_worker` (device runtime knobs and collective patches).
+Helpers for scripts: :func:`config_from_args` (:func:`~fsaf_d2.engine.config.build_config` of ``args``),
+:func:`pre_launch` (``MODEL.DEVICE`` and NPU environment defaults, in the launching process), :func:`setup`
+(config + logging + worker preparation, in every worker), :func:`prepare_worker` (device runtime knobs and
+collective patches).
 """
 import logging
 import os
@@ -21,7 +22,6 @@ from collections import OrderedDict
 
 import torch
 import torch.distributed as dist
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, TrainerBase, default_setup
 from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
@@ -31,9 +31,9 @@ from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 
-from ..config import add_fsaf_config, apply_static_shape_defaults, validate_fsaf_config
 from .checkpoint import AtomicCheckpointer, ModelRunningScalars
 from .comm import create_ddp_model, patch_detectron2
+from .config import build_config, validate_config
 from .device import (
     apply_device_runtime,
     apply_npu_env_defaults,
@@ -48,7 +48,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
-__all__ = ["Trainer", "build_config", "device_from_args", "pre_launch", "setup", "prepare_worker"]
+__all__ = ["Trainer", "config_from_args", "device_from_args", "pre_launch", "setup", "prepare_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,22 +56,14 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- setup
 
 
-def build_config(args, freeze: bool = True):
-    """Detectron2 config with the fsaf_d2 keys, merged from ``args.config_file`` and ``args.opts``."""
-    cfg = get_cfg()
-    add_fsaf_config(cfg)
-    if getattr(args, "config_file", ""):
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(getattr(args, "opts", None) or []))
-    apply_static_shape_defaults(cfg)
-    if freeze:
-        cfg.freeze()
-    return cfg
+def config_from_args(args, freeze: bool = True):
+    """:func:`~fsaf_d2.engine.config.build_config` of ``args.config_file`` and ``args.opts``."""
+    return build_config(getattr(args, "config_file", ""), getattr(args, "opts", None) or [], freeze=freeze)
 
 
 def device_from_args(args) -> str:
     """``MODEL.DEVICE`` of the config described by ``args`` (read before launching workers)."""
-    return build_config(args, freeze=False).MODEL.DEVICE
+    return config_from_args(args, freeze=False).MODEL.DEVICE
 
 
 def pre_launch(args) -> str:
@@ -81,18 +73,22 @@ def pre_launch(args) -> str:
     imported: torch_npu reads variables such as ``TASK_QUEUE_ENABLE`` when it initialises, and spawned
     workers inherit the environment. :func:`prepare_worker` applies them again (no-op if set).
     """
-    cfg = build_config(args, freeze=False)
+    cfg = config_from_args(args, freeze=False)
     if device_type_of(cfg.MODEL.DEVICE) == "npu":
         apply_npu_env_defaults(cfg.NPU.ENV)
     return cfg.MODEL.DEVICE
 
 
 def check_config(cfg) -> None:
-    """Fail early on settings this engine cannot run (in addition to ``validate_fsaf_config``)."""
-    validate_fsaf_config(cfg)
-    dtype = device_type_of(cfg.MODEL.DEVICE)
+    """Fail early on values fsaf_d2 cannot use and on settings this machine cannot run."""
+    validate_config(cfg)
+    check_device_support(cfg)
+
+
+def check_device_support(cfg) -> None:
+    """Fail early on settings ``MODEL.DEVICE`` cannot run (AMP precision)."""
     if cfg.SOLVER.AMP.ENABLED:
-        check_amp_support(dtype, parse_precision(cfg.SOLVER.AMP.PRECISION))
+        check_amp_support(device_type_of(cfg.MODEL.DEVICE), parse_precision(cfg.SOLVER.AMP.PRECISION))
 
 
 def prepare_worker(cfg) -> torch.device:
@@ -112,8 +108,8 @@ def prepare_worker(cfg) -> torch.device:
 
 def setup(args):
     """Config + Detectron2's ``default_setup`` (logging, config dump, seeding) + :func:`prepare_worker`."""
-    cfg = build_config(args)
-    check_config(cfg)
+    cfg = config_from_args(args)  # validated
+    check_device_support(cfg)
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers; fsaf_d2's own messages (throughput
     # summary, NPU runtime, data-stream restarts) go to the same console and log file

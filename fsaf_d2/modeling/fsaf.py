@@ -11,7 +11,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from torch import Tensor, nn
 from torch.autograd.profiler import record_function
 
-from ..config import resolve_memory_format
+from ..config import check_choice
 from .anchor_based import AnchorBasedBranch
 from .box_coder import TBLRBoxCoder, tblr_decode
 from .frozen_bn import fold_frozen_batchnorm
@@ -121,16 +121,12 @@ class FSAF(DenseDetector):
         self.min_pos_iof = min_pos_iof
         self.crowd_as_ignore = crowd_as_ignore
         self.ignore_gt_scale = ignore_gt_scale
-        if loss_normalizer not in ("exact", "ema"):
-            raise ValueError(f"MODEL.FSAF.LOSS_NORMALIZER must be 'exact' or 'ema', got {loss_normalizer!r}")
-        self.loss_normalizer = loss_normalizer
+        self.loss_normalizer = check_choice("MODEL.FSAF.LOSS_NORMALIZER", loss_normalizer)
         self.register_buffer("loss_normalizer_ema", torch.tensor(100.0), persistent=False)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
-        if test_topk_rule not in ("pairs", "locations"):
-            raise ValueError(f"MODEL.FSAF.TOPK_RULE must be 'pairs' or 'locations', got {test_topk_rule!r}")
-        self.test_topk_rule = test_topk_rule
+        self.test_topk_rule = check_choice("MODEL.FSAF.TOPK_RULE", test_topk_rule)
         self.max_detections_per_image = max_detections_per_image
         self.max_gt = max_gt
         self.fixed_sizes = [tuple(int(v) for v in s) for s in fixed_sizes]
@@ -182,7 +178,12 @@ class FSAF(DenseDetector):
             "fixed_sizes": cfg.INPUT.FIXED_SIZES,
             "anchor_based": AnchorBasedBranch(cfg, feature_shapes, f.NUM_CLASSES) if f.ANCHOR_BASED else None,
             "af_loss_weight": f.AF_LOSS_WEIGHT,
-            "memory_format": resolve_memory_format(f.MEMORY_FORMAT, cfg.MODEL.DEVICE),
+            # "auto" is the device's layout once fsaf_d2.engine.build_config has resolved it; unresolved: NCHW
+            "memory_format": (
+                torch.channels_last
+                if check_choice("MODEL.FSAF.MEMORY_FORMAT", f.MEMORY_FORMAT) == "channels_last"
+                else torch.contiguous_format
+            ),
             "fold_frozen_bn": f.FOLD_FROZEN_BN,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,

@@ -15,6 +15,7 @@ from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
 import fsaf_d2
+from fsaf_d2.engine.config import add_engine_config
 
 #: detector used by the engine tests ("RetinaNet" or "FSAF")
 META_ARCH = os.environ.get("FSAF_ENGINE_TEST_ARCH", "FSAF")
@@ -93,6 +94,7 @@ def tiny_cfg(output_dir: str, train: str, test: str = "", num_classes: int = 2, 
     """A frozen config from :func:`tiny_opts` (``overrides``: ``SOLVER__MAX_ITER=4`` style keys)."""
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)
     cfg.merge_from_list(tiny_opts(output_dir, train, test, num_classes, **overrides))
     cfg.freeze()
     return cfg
@@ -102,6 +104,7 @@ def opts_to_yaml(opts, path: str) -> str:
     """Write ``KEY VALUE`` opts as a complete config yaml (for ``train_net.py --config-file``)."""
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)
     cfg.merge_from_list(opts)
     with open(path, "w") as f:
         f.write(cfg.dump())

@@ -110,9 +110,11 @@ def test_npu_runtime_knobs_applied_from_config(fake_npu, monkeypatch):
     from detectron2.config import get_cfg
 
     import fsaf_d2
+    from fsaf_d2.engine import add_engine_config
 
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)
     cfg.MODEL.DEVICE = "npu"
     cfg.NPU.JIT_COMPILE = False
     cfg.NPU.ALLOW_HF32 = False
@@ -136,9 +138,11 @@ def test_runtime_knobs_are_a_no_op_off_npu(torch_npu_spy):
     from detectron2.config import get_cfg
 
     import fsaf_d2
+    from fsaf_d2.engine import add_engine_config
 
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)
     cfg.MODEL.DEVICE = "cpu"
     cfg.NPU.ENV = ["FSAF_SHOULD_NOT_BE_SET=1"]
     D.apply_device_runtime(cfg)

@@ -4,14 +4,19 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from fsaf_d2.config import resolve_memory_format, validate_fsaf_config
+from fsaf_d2.config import validate_fsaf_config
+from fsaf_d2.engine.config import apply_device_rules, build_config, resolve_memory_format
 
-from fsaf_testing import tiny_cfg
+from fsaf_testing import CONFIG, tiny_cfg
 
 
-def _build(memory_format, **overrides):
+def _build(memory_format, device_rules=False, **overrides):
+    """The tiny model; with ``device_rules``, its config resolved as fsaf_d2.engine.build_config does."""
     torch.manual_seed(0)
-    return build_model(tiny_cfg(**{"MODEL.FSAF.MEMORY_FORMAT": memory_format, **overrides}))
+    cfg = tiny_cfg(**{"MODEL.FSAF.MEMORY_FORMAT": memory_format, **overrides})
+    if device_rules:
+        apply_device_rules(cfg)
+    return build_model(cfg)
 
 
 # Gradient agreement between two float32 computations of the same model (see gradient_mismatches).
@@ -57,13 +62,23 @@ def _conv_weights(model):
 
 
 def test_auto_resolves_per_device_type():
-    assert resolve_memory_format("auto", "cpu") is torch.channels_last
-    assert resolve_memory_format("auto", "cuda:0") is torch.channels_last
-    assert resolve_memory_format("auto", "npu:3") is torch.contiguous_format  # torch_npu has no channels_last
-    assert resolve_memory_format("contiguous", "cpu") is torch.contiguous_format
-    assert resolve_memory_format("channels_last", "cuda") is torch.channels_last
+    assert resolve_memory_format("auto", "cpu") == "channels_last"
+    assert resolve_memory_format("auto", "cuda:0") == "channels_last"
+    assert resolve_memory_format("auto", "npu:3") == "contiguous"  # torch_npu has no channels_last
+    assert resolve_memory_format("contiguous", "cpu") == "contiguous"
+    assert resolve_memory_format("channels_last", "cuda") == "channels_last"
     with pytest.raises(ValueError, match="MODEL.FSAF.MEMORY_FORMAT"):
         resolve_memory_format("channels_last", "npu")
+
+
+def test_the_config_builder_resolves_auto_and_the_model_applies_only_an_explicit_layout():
+    cpu = build_config(CONFIG, ["MODEL.DEVICE", "cpu"])
+    assert cpu.MODEL.FSAF.MEMORY_FORMAT == "channels_last"
+    assert build_config(CONFIG, ["MODEL.DEVICE", "npu:0"]).MODEL.FSAF.MEMORY_FORMAT == "contiguous"
+    with pytest.raises(ValueError, match="MODEL.FSAF.MEMORY_FORMAT"):
+        build_config(CONFIG, ["MODEL.DEVICE", "npu", "MODEL.FSAF.MEMORY_FORMAT", "channels_last"])
+    # Detectron2's build_model on a config that did not go through the builder: "auto" is NCHW
+    assert all(w.is_contiguous() for w in _conv_weights(_build("auto")))
 
 
 def test_bad_value_names_the_key():
@@ -79,7 +94,8 @@ def test_every_conv_weight_takes_the_layout():
     # (a 1x1 kernel has the same strides in both layouts)
     assert all(not w.is_contiguous() for w in _conv_weights(last) if w.shape[-1] > 1)
     assert all(w.is_contiguous() for w in _conv_weights(plain))
-    assert _build("auto").head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)  # cpu
+    auto = _build("auto", device_rules=True)  # as train_net.py and the tools build it, on cpu
+    assert auto.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("combined", [False, True], ids=["fsaf", "fsaf+retinanet"])

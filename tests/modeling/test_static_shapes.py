@@ -5,7 +5,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import fsaf_d2
-from fsaf_d2.config import NPU_DEFAULT_MAX_GT, apply_static_shape_defaults
+from fsaf_d2.engine.config import NPU_DEFAULT_MAX_GT, apply_static_shape_defaults
 from fsaf_d2.modeling.losses import fsaf_losses
 from fsaf_testing import make_input, tiny_cfg
 

@@ -1,0 +1,160 @@
+"""The config of fsaf_d2's programs: the engine's keys, the rules that depend on ``MODEL.DEVICE``, one builder.
+
+:func:`build_config` is the only place that turns a YAML file and ``KEY VALUE`` overrides into the config
+that ``train_net.py`` and the tools (demo, export, benchmarks) run with, so that they all see the same
+config for the same file on the same device. :func:`add_engine_config` adds the keys of the training
+engine in Detectron2's namespaces (``SOLVER``, ``DATALOADER``) and the ``NPU`` runtime keys;
+:func:`apply_device_rules` resolves the settings whose default depends on the device. Nothing here imports
+``torch_npu``: the rules read the device string only.
+"""
+from typing import Sequence
+
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from ..config import add_fsaf_config, add_if_missing, check_choice, validate_fsaf_config
+
+__all__ = [
+    "add_engine_config",
+    "NPU_DEFAULT_MAX_GT",
+    "apply_static_shape_defaults",
+    "resolve_memory_format",
+    "apply_device_rules",
+    "validate_engine_config",
+    "validate_config",
+    "build_config",
+]
+
+
+def add_engine_config(cfg):
+    """Add the engine's keys with their defaults to a Detectron2 ``CfgNode`` (in place).
+
+    The ``SOLVER`` / ``DATALOADER`` keys are added only when missing, so an upstream Detectron2 that already
+    has one keeps its own default.
+    """
+    _C = cfg
+
+    # ------------------------------------------------------------------ solver / AMP
+    # SOLVER.AMP.PRECISION: "float16" or "bfloat16" (CPU autocast supports bfloat16 only); "fp16" and "bf16"
+    # are accepted spellings (fsaf_d2.config.FSAF_VALID_CHOICES)
+    add_if_missing(_C.SOLVER.AMP, "PRECISION", "float16")
+    # SOLVER.CLIP_GRADIENTS.CLIP_TYPE accepts "full_model": one global L2 norm over all parameters
+    # (reference: max 10), applied to unscaled gradients under AMP. "value"/"norm" keep Detectron2's
+    # per-parameter meaning.
+    # Fused SGD of torch_npu (torch_npu.optim.NpuFusedSGD) when MODEL.DEVICE is npu
+    add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
+    # iterations excluded from the images/s figure in the training log
+    add_if_missing(_C.SOLVER, "THROUGHPUT_WARMUP_ITERS", 5)
+    # with SEED >= 0: restart the training data stream from a seed derived from (SEED, iteration //
+    # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
+    # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
+    add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
+
+    # ------------------------------------------------------------------ Ascend NPU runtime
+    _C.NPU = CN()
+    # torch_npu.npu.set_compile_mode(jit_compile=...): False = prebuilt binary kernels (recommended)
+    _C.NPU.JIT_COMPILE = False
+    # environment defaults set in each worker when not already set, "KEY=VALUE" strings, e.g.
+    # ["TASK_QUEUE_ENABLE=2", "CPU_AFFINITY_CONF=1", "HCCL_CONNECT_TIMEOUT=1200"]
+    _C.NPU.ENV = []
+    # allow HF32 (TF32-like) in convolutions and matmuls
+    _C.NPU.ALLOW_HF32 = True
+    return cfg
+
+
+NPU_DEFAULT_MAX_GT = 128
+
+
+def _device_type(device) -> str:
+    return str(device).split(":")[0]
+
+
+def _ceil32(v: int) -> int:
+    return int(-(-int(v) // 32) * 32)
+
+
+def apply_static_shape_defaults(cfg):
+    """Static shapes by default on Ascend NPUs (unfrozen ``cfg``, in place; returns whether it changed).
+
+    With ``MODEL.DEVICE`` npu and no explicit choice: ``INPUT.FIXED_SIZES`` becomes the two orientation
+    buckets [short, long] and [long, short] that hold every train and test image after resizing
+    (800 / 1333 -> [[800, 1344], [1344, 800]]), and ``MODEL.FSAF.MAX_GT`` becomes ``NPU_DEFAULT_MAX_GT``.
+    Batches are grouped by orientation (``DATALOADER.ASPECT_RATIO_GROUPING``), so no image is padded to
+    the square. Other devices keep dynamic shapes unless the keys are set.
+    """
+    if _device_type(cfg.MODEL.DEVICE) != "npu":
+        return False
+    changed = False
+    if not cfg.INPUT.FIXED_SIZES:
+        short = max(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TEST)
+        long = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
+        short, long = _ceil32(short), _ceil32(max(long, short))
+        cfg.INPUT.FIXED_SIZES = [[short, long], [long, short]]
+        changed = True
+    if cfg.MODEL.FSAF.MAX_GT == 0:
+        cfg.MODEL.FSAF.MAX_GT = NPU_DEFAULT_MAX_GT
+        changed = True
+    return changed
+
+
+def resolve_memory_format(choice: str, device) -> str:
+    """``MODEL.FSAF.MEMORY_FORMAT`` for ``MODEL.DEVICE`` -> "channels_last" or "contiguous".
+
+    "auto": channels_last on cpu and cuda (oneDNN and cuDNN have NHWC convolutions; measured in
+    docs/benchmarks.md), contiguous (NCHW) on npu, whose adapter has no channels_last.
+    "channels_last" / "contiguous" force one; channels_last on npu is refused, naming the key.
+    """
+    check_choice("MODEL.FSAF.MEMORY_FORMAT", choice)
+    npu = _device_type(device) == "npu"
+    if choice == "auto":
+        return "contiguous" if npu else "channels_last"
+    if choice == "channels_last" and npu:
+        raise ValueError(
+            "MODEL.FSAF.MEMORY_FORMAT='channels_last' is not supported on npu (torch_npu has no "
+            "channels_last); use 'auto' or 'contiguous'"
+        )
+    return choice
+
+
+def apply_device_rules(cfg) -> None:
+    """Settle the keys whose value depends on ``MODEL.DEVICE`` (unfrozen ``cfg``, in place).
+
+    Static shapes on npu (:func:`apply_static_shape_defaults`) and ``MODEL.FSAF.MEMORY_FORMAT`` "auto"
+    replaced by the device's layout (:func:`resolve_memory_format`).
+    """
+    apply_static_shape_defaults(cfg)
+    cfg.MODEL.FSAF.MEMORY_FORMAT = resolve_memory_format(cfg.MODEL.FSAF.MEMORY_FORMAT, cfg.MODEL.DEVICE)
+
+
+def validate_engine_config(cfg) -> None:
+    """Fail early, naming the key, on values of the engine's keys that fsaf_d2 cannot use."""
+    check_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION)
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED:
+        check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)
+
+
+def validate_config(cfg) -> None:
+    """:func:`~fsaf_d2.config.validate_fsaf_config` and :func:`validate_engine_config`."""
+    validate_fsaf_config(cfg)
+    validate_engine_config(cfg)
+
+
+def build_config(config_file: str = "", opts: Sequence = (), freeze: bool = True):
+    """The config of a YAML file and ``KEY VALUE`` overrides, as every fsaf_d2 program runs it.
+
+    Detectron2's defaults plus fsaf_d2's model and engine keys, merged from ``config_file`` (none if empty)
+    and ``opts`` (a flat list ``[KEY, VALUE, ...]``, values as strings or Python objects), validated, with the
+    device rules applied (:func:`apply_device_rules`). Frozen unless ``freeze`` is False.
+    """
+    cfg = get_cfg()
+    add_fsaf_config(cfg)
+    add_engine_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    validate_config(cfg)
+    apply_device_rules(cfg)
+    if freeze:
+        cfg.freeze()
+    return cfg
