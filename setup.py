@@ -21,7 +21,12 @@ setup(
     name="fsaf_d2",
     version=read_version(),
     description="FSAF (Feature Selective Anchor-Free) detector as a Detectron2 plugin, for CUDA, Ascend NPU and CPU",
-    packages=find_packages(exclude=("configs", "tests", "tests.*", "scripts")),
+    # The command-line programs live in tools/ and run there as `python tools/<name>.py`, next to the
+    # repository's configs/. A wheel has no tools/ folder, so it ships them as the subpackage fsaf_d2.tools
+    # (package_dir), as Detectron2's setup.py ships projects/ as detectron2.projects.*; the console scripts
+    # below call their main(). An editable install maps fsaf_d2.tools to tools/ the same way.
+    packages=find_packages(exclude=("configs", "tests", "tests.*", "scripts", "tools", "tools.*")) + ["fsaf_d2.tools"],
+    package_dir={"fsaf_d2.tools": "tools"},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -41,7 +46,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "fsaf-convert-mmdet=fsaf_d2.convert_mmdet:main",
+            "fsaf-convert-mmdet=fsaf_d2.tools.convert_mmdet:main",
             "fsaf-benchmark=fsaf_d2.benchmark:main",
             "fsaf-demo=fsaf_d2.demo:main",
             "fsaf-export=fsaf_d2.export:main",

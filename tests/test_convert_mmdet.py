@@ -1,4 +1,4 @@
-"""Unit tests of fsaf_d2.convert_mmdet (mmdet FSAF -> fsaf_d2 names, torchvision -> Detectron2 names).
+"""fsaf_d2.weights (mmdet FSAF -> fsaf_d2 names, torchvision -> Detectron2 names) and tools/convert_mmdet.py.
 
 The mmdet-named state dicts are synthesised from mmdet's shape rules (ResNet / ResNeXt, FPN with
 C3-C5 laterals and P6-from-C5 / P7 extra convs, FSAFHead), written out independently of the converter.
@@ -8,19 +8,14 @@ unexpected or mis-shaped key.
 import math
 import os
 import subprocess
-import sys
 from collections import OrderedDict
 
 import pytest
 import torch
 
-from fsaf_d2.convert_mmdet import (
-    ConversionError,
-    convert_mmdet_checkpoint,
-    convert_mmdet_state_dict,
-    convert_torchvision_resnet,
-    rename_torchvision_resnet_keys,
-)
+from fsaf_d2.weights.mmdet import ConversionError, convert_mmdet_checkpoint, convert_mmdet_state_dict
+from fsaf_d2.weights.torchvision import convert_torchvision_resnet, rename_torchvision_resnet_keys
+from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FPN_CHANNELS = 32  # small, to keep the synthetic models light (shapes follow the config)
@@ -237,8 +232,8 @@ def test_unmapped_key_is_an_error(extra):
 
 def _run_cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "fsaf_d2.convert_mmdet", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        tool_command("convert_mmdet", *args),
+        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300,
     )
 
 

@@ -7,7 +7,7 @@ import torchvision
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
-from fsaf_d2.weights import torchvision_weights_file
+from fsaf_d2.weights.torchvision import torchvision_weights_file
 from fsaf_testing import tiny_cfg
 
 

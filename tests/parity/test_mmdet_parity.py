@@ -3,7 +3,7 @@
 The fixtures (``fixtures/mmdet_fsaf_r18.pt.xz``, written by ``make_fixtures.py`` in a scratch
 environment with mmdet installed) hold random but non-degenerate mmdet weights (ResNet-18, 64 FPN
 channels, 10 classes), synthetic batches and everything mmdet computed on them. Here the weights go
-through ``python -m fsaf_d2.convert_mmdet`` / :func:`fsaf_d2.convert_mmdet.convert_mmdet_checkpoint`
+through ``python tools/convert_mmdet.py`` / :func:`fsaf_d2.weights.mmdet.convert_mmdet_checkpoint`
 into an fsaf_d2 model built from a config, and every stage is compared (fp32):
 
 * FPN features and head outputs (cls logits, regression after ReLU): max abs diff <= 1e-4;
@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from mmdet_fixture import FIXTURE, load_fixture, mmdet_checkpoint, mmdet_state_dict  # noqa: E402
+from tools_testing import tool_command, tool_env  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -347,7 +348,7 @@ def fixture():
 @pytest.fixture(scope="module")
 def converted(fixture, tmp_path_factory):
     """The fixture's mmdet weights converted with the library function (and saved as a .pth)."""
-    from fsaf_d2.convert_mmdet import convert_mmdet_checkpoint
+    from fsaf_d2.weights.mmdet import convert_mmdet_checkpoint
 
     out, summary = convert_mmdet_checkpoint(mmdet_checkpoint(fixture))
     path = str(tmp_path_factory.mktemp("parity") / "fsaf_r18_converted.pth")
@@ -432,14 +433,14 @@ def test_cli_converts_fixture_weights(fixture, tmp_path):
     dst = tmp_path / "converted.pth"
     torch.save(mmdet_checkpoint(fixture), src)
     proc = subprocess.run(
-        [sys.executable, "-m", "fsaf_d2.convert_mmdet", str(src), str(dst)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        tool_command("convert_mmdet", src, dst),
+        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert "ResNet-18" in proc.stdout and "MODEL.FSAF.NUM_CLASSES: 10" in proc.stdout, proc.stdout
     out = torch.load(dst, map_location="cpu", weights_only=True)
     assert out["__author__"] == "mmdet" and out["matching_heuristics"] is False
-    ref, _ = __import__("fsaf_d2.convert_mmdet", fromlist=["x"]).convert_mmdet_checkpoint(mmdet_checkpoint(fixture))
+    ref, _ = __import__("fsaf_d2.weights.mmdet", fromlist=["x"]).convert_mmdet_checkpoint(mmdet_checkpoint(fixture))
     assert list(out["model"]) == list(ref["model"])
     assert all(torch.equal(out["model"][k], ref["model"][k]) for k in ref["model"])
 
@@ -576,7 +577,7 @@ def test_end_to_end_inference(fixture, model, name):
 def main():
     import tempfile
 
-    from fsaf_d2.convert_mmdet import convert_mmdet_checkpoint
+    from fsaf_d2.weights.mmdet import convert_mmdet_checkpoint
 
     fx = load_fixture()
     print(f"fixture {FIXTURE} ({os.path.getsize(FIXTURE) / 1e6:.2f} MB), made with {fx['versions']}")

@@ -1,5 +1,8 @@
-"""``torchvision://NAME`` weights for ``MODEL.WEIGHTS``: torchvision's ImageNet ResNet/ResNeXt, converted
-on first use to Detectron2 names.
+"""torchvision's ImageNet ResNet/ResNeXt weights in Detectron2 names, and the ``torchvision://NAME`` weights
+of ``MODEL.WEIGHTS``, converted on first use.
+
+:func:`convert_torchvision_resnet` renames a torchvision state dict as Detectron2's
+``tools/convert-torchvision-to-d2.py`` does.
 
 ``torchvision://resnet50`` resolves to torchvision's default ImageNet weights of ``resnet50``: the file
 is taken from torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where torchvision itself saves it),
@@ -9,18 +12,97 @@ Offline machines: copy torchvision's file (e.g. ``resnet50-0676ba61.pth``) into 
 The models must use ``MODEL.RESNETS.STRIDE_IN_1X1: False`` and the RGB torchvision mean/std, as the
 fsaf_d2 configs do.
 """
+import collections
 import logging
 import os
 import pickle
+import re
 from typing import Any, List
 
 import torch
 from iopath.common.file_io import PathHandler
 
-__all__ = ["TorchvisionWeightsHandler", "register_torchvision_handler", "torchvision_weights_file"]
+from .errors import BN_FIELDS, ConversionError
+
+__all__ = [
+    "rename_torchvision_resnet_keys",
+    "convert_torchvision_resnet",
+    "TorchvisionWeightsHandler",
+    "register_torchvision_handler",
+    "torchvision_weights_file",
+]
 
 logger = logging.getLogger(__name__)
 PREFIX = "torchvision://"
+
+
+_RE_TV_LAYER = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+
+
+def rename_torchvision_resnet_keys(state_dict):
+    """torchvision ImageNet ResNet / ResNeXt names -> Detectron2 ResNet names (no ``backbone.bottom_up.``).
+
+    ``conv1.weight`` -> ``stem.conv1.weight``, ``bn1.X`` -> ``stem.conv1.norm.X``,
+    ``layer{i}.{k}.conv{n}.weight`` -> ``res{i+1}.{k}.conv{n}.weight``, ``bn{n}`` -> ``conv{n}.norm``,
+    ``downsample.0`` -> ``shortcut``, ``downsample.1`` -> ``shortcut.norm``: the names Detectron2's
+    ``tools/convert-torchvision-to-d2.py`` produces. ``fc.*`` (the classifier) and
+    ``num_batches_tracked`` are dropped; any other key raises :class:`ConversionError`.
+    """
+    out = collections.OrderedDict()
+    unmapped = []
+    for k, v in state_dict.items():
+        if k.endswith("num_batches_tracked") or k.startswith("fc."):
+            continue
+        if k == "conv1.weight":
+            out["stem.conv1.weight"] = v
+            continue
+        m = re.match(r"^bn1\.(\w+)$", k)
+        if m and m.group(1) in BN_FIELDS:
+            out[f"stem.conv1.norm.{m.group(1)}"] = v
+            continue
+        m = _RE_TV_LAYER.match(k)
+        if m:
+            i, b, rest = m.groups()
+            prefix = f"res{int(i) + 1}.{b}."
+            mm = re.match(r"^conv([1-3])\.weight$", rest)
+            if mm:
+                out[prefix + rest] = v
+                continue
+            mm = re.match(r"^bn([1-3])\.(\w+)$", rest)
+            if mm and mm.group(2) in BN_FIELDS:
+                out[prefix + f"conv{mm.group(1)}.norm.{mm.group(2)}"] = v
+                continue
+            if rest == "downsample.0.weight":
+                out[prefix + "shortcut.weight"] = v
+                continue
+            mm = re.match(r"^downsample\.1\.(\w+)$", rest)
+            if mm and mm.group(1) in BN_FIELDS:
+                out[prefix + f"shortcut.norm.{mm.group(1)}"] = v
+                continue
+        unmapped.append(k)
+    if unmapped:
+        raise ConversionError(f"torchvision ResNet keys without a Detectron2 name: {unmapped}")
+    return out
+
+
+def convert_torchvision_resnet(state_dict):
+    """Convert a torchvision ImageNet ResNet/ResNeXt state dict to a Detectron2 checkpoint dict.
+
+    Returns ``{"model": renamed_state_dict, "__author__": "torchvision", "matching_heuristics": True}``,
+    the format of Detectron2's ``tools/convert-torchvision-to-d2.py``: the names carry no
+    ``backbone.bottom_up.`` prefix, and Detectron2's checkpointer matches them to the model by suffix.
+    The model must use ``MODEL.RESNETS.STRIDE_IN_1X1: False`` and the RGB torchvision mean/std.
+    A dict holding ``state_dict`` or ``model`` is unwrapped first.
+    """
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], collections.abc.Mapping):
+        state_dict = state_dict["state_dict"]
+    elif "model" in state_dict and isinstance(state_dict["model"], collections.abc.Mapping):
+        state_dict = state_dict["model"]
+    return {
+        "model": rename_torchvision_resnet_keys(state_dict),
+        "__author__": "torchvision",
+        "matching_heuristics": True,
+    }
 
 
 def torchvision_weights_file(name: str):
@@ -61,8 +143,6 @@ class TorchvisionWeightsHandler(PathHandler):
                     f"downloaded from {url} ({type(e).__name__}: {e}). Download it on a machine with network "
                     "access and copy it there (TORCH_HOME selects the folder)."
                 ) from e
-        from .convert_mmdet import convert_torchvision_resnet
-
         converted = convert_torchvision_resnet(torch.load(source, map_location="cpu", weights_only=True))
         converted["model"] = {k: v.numpy() for k, v in converted["model"].items()}
         os.makedirs(cache_dir, exist_ok=True)

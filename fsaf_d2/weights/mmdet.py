@@ -1,14 +1,10 @@
-"""Convert mmdetection FSAF checkpoints (and torchvision ImageNet ResNets) to fsaf_d2 / Detectron2 names.
+"""Conversion of mmdetection FSAF checkpoints to fsaf_d2 / Detectron2 names.
 
-Command line::
-
-    python -m fsaf_d2.convert_mmdet INPUT OUTPUT
-
-``INPUT`` is an mmdetection FSAF checkpoint: a raw state dict, or a dict holding ``state_dict``
-(the published files, e.g. ``fsaf_r50_fpn_1x_coco-94ccc51f.pth``). ``OUTPUT`` is a ``.pth`` file
-holding ``{"model": state_dict, "__author__": "mmdet", "matching_heuristics": False}`` that
-``DetectionCheckpointer(model).load(OUTPUT)`` loads by exact name into the fsaf_d2 model built from
-the matching config (``configs/fsaf_R50_FPN_1x.yaml`` etc.).
+``convert_mmdet_checkpoint(ckpt)`` takes an mmdetection FSAF checkpoint: a raw state dict, or a dict
+holding ``state_dict`` (the published files, e.g. ``fsaf_r50_fpn_1x_coco-94ccc51f.pth``). It returns
+``{"model": state_dict, "__author__": "mmdet", "matching_heuristics": False}``, which, saved as a ``.pth``
+file, ``DetectionCheckpointer(model).load(path)`` loads by exact name into the fsaf_d2 model built from
+the matching config (``fsaf_R50_FPN_1x.yaml`` etc.). The command line is ``tools/convert_mmdet.py``.
 
 Supported: ResNet-18/34 (basic blocks), ResNet-50/101/152 (bottleneck), ResNeXt (e.g. 101 64x4d),
 pytorch style, plain BN; mmdet ``FPN`` with ``start_level`` C3 and two extra convs (P6 from C5 =
@@ -31,19 +27,15 @@ Mapping (docs/algorithm.md#mmdetection-checkpoint-names)::
     bbox_head.retina_reg.Y                    -> head.bbox_pred.Y   (t, b, l, r kept; the plugin's coder has S = 4)
     *.num_batches_tracked                     -> dropped
 
-Any other key is an error: the command exits non-zero and names the keys.
-
-The module also converts torchvision ImageNet ResNet / ResNeXt state dicts to the names that
-Detectron2's ``tools/convert-torchvision-to-d2.py`` produces (:func:`convert_torchvision_resnet`).
-
-This module imports only torch and the standard library, so it also runs as a plain script.
+Any other key is a :class:`~fsaf_d2.weights.errors.ConversionError` naming the keys.
 """
-import argparse
 import collections
 import re
 import sys
 
 import torch
+
+from .errors import BN_FIELDS, ConversionError
 
 __all__ = [
     "ConversionError",
@@ -51,12 +43,8 @@ __all__ = [
     "convert_mmdet_checkpoint",
     "extract_state_dict",
     "load_checkpoint_file",
-    "rename_torchvision_resnet_keys",
-    "convert_torchvision_resnet",
-    "main",
 ]
 
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 _CONV_FIELDS = ("weight", "bias")
 
 # blocks per stage -> depth
@@ -67,10 +55,6 @@ _DEPTHS = {
     ("bottleneck", (3, 4, 23, 3)): 101,
     ("bottleneck", (3, 8, 36, 3)): 152,
 }
-
-
-class ConversionError(ValueError):
-    """Raised when a checkpoint has keys the converter cannot map (or other structural problems)."""
 
 
 # ---------------------------------------------------------------------------------------------- I/O
@@ -225,7 +209,7 @@ def convert_mmdet_state_dict(state_dict, verbose=False):
             put(k, bb + "stem.conv1.weight", "backbone stem")
             continue
         m = _RE_STEM_BN.match(k)
-        if m and m.group(1) in _BN_FIELDS:
+        if m and m.group(1) in BN_FIELDS:
             put(k, bb + f"stem.conv1.norm.{m.group(1)}", "backbone stem")
             continue
         m = _RE_BLOCK_CONV.match(k)
@@ -234,7 +218,7 @@ def convert_mmdet_state_dict(state_dict, verbose=False):
             put(k, bb + f"res{int(i) + 1}.{b}.conv{n}.weight", "backbone stages")
             continue
         m = _RE_BLOCK_BN.match(k)
-        if m and m.group(4) in _BN_FIELDS:
+        if m and m.group(4) in BN_FIELDS:
             i, b, n, f = m.groups()
             put(k, bb + f"res{int(i) + 1}.{b}.conv{n}.norm.{f}", "backbone stages")
             continue
@@ -244,7 +228,7 @@ def convert_mmdet_state_dict(state_dict, verbose=False):
             put(k, bb + f"res{int(i) + 1}.{b}.shortcut.weight", "backbone stages")
             continue
         m = _RE_DOWN_BN.match(k)
-        if m and m.group(3) in _BN_FIELDS:
+        if m and m.group(3) in BN_FIELDS:
             i, b, f = m.groups()
             put(k, bb + f"res{int(i) + 1}.{b}.shortcut.norm.{f}", "backbone stages")
             continue
@@ -346,131 +330,3 @@ def convert_mmdet_checkpoint(ckpt, verbose=False):
         summary["classes"] = list(classes)
     out = {"model": new_sd, "__author__": "mmdet", "matching_heuristics": False}
     return out, summary
-
-
-def _print_summary(summary, output=None):
-    print(f"mmdet -> fsaf_d2: {summary['num_input_keys']} input keys, {summary['num_output_keys']} converted")
-    for group, n in summary["groups"].items():
-        print(f"  {group:28s} {n:5d}")
-    print(f"  {'dropped (num_batches_tracked)':28s} {len(summary['dropped']):5d}")
-    info = summary.get("backbone")
-    if info:
-        arch = f"{info['block']} blocks {info['blocks_per_stage']}"
-        if info.get("depth"):
-            arch = f"ResNet-{info['depth']} ({arch})"
-        if info.get("num_groups", 1) > 1:
-            arch += f", ResNeXt {info['num_groups']}x{info['width_per_group']}d"
-        print(f"backbone: {arch}")
-    if "p6_input" in summary:
-        print(f"P6 input: {summary['p6_input']}")
-    if summary.get("meta"):
-        print("meta: " + ", ".join(f"{k}={v}" for k, v in summary["meta"].items()))
-    if "classes" in summary:
-        print(f"classes: {len(summary['classes'])} ({', '.join(map(str, summary['classes'][:3]))}, ...)")
-    if summary.get("config"):
-        print("config keys implied by the weights:")
-        for k, v in summary["config"].items():
-            print(f"  {k}: {v}")
-    if output:
-        print(f"saved {output}")
-
-
-# ---------------------------------------------------------------------------------------------- torchvision
-_RE_TV_LAYER = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
-
-
-def rename_torchvision_resnet_keys(state_dict):
-    """torchvision ImageNet ResNet / ResNeXt names -> Detectron2 ResNet names (no ``backbone.bottom_up.``).
-
-    ``conv1.weight`` -> ``stem.conv1.weight``, ``bn1.X`` -> ``stem.conv1.norm.X``,
-    ``layer{i}.{k}.conv{n}.weight`` -> ``res{i+1}.{k}.conv{n}.weight``, ``bn{n}`` -> ``conv{n}.norm``,
-    ``downsample.0`` -> ``shortcut``, ``downsample.1`` -> ``shortcut.norm``: the names Detectron2's
-    ``tools/convert-torchvision-to-d2.py`` produces. ``fc.*`` (the classifier) and
-    ``num_batches_tracked`` are dropped; any other key raises :class:`ConversionError`.
-    """
-    out = collections.OrderedDict()
-    unmapped = []
-    for k, v in state_dict.items():
-        if k.endswith("num_batches_tracked") or k.startswith("fc."):
-            continue
-        if k == "conv1.weight":
-            out["stem.conv1.weight"] = v
-            continue
-        m = re.match(r"^bn1\.(\w+)$", k)
-        if m and m.group(1) in _BN_FIELDS:
-            out[f"stem.conv1.norm.{m.group(1)}"] = v
-            continue
-        m = _RE_TV_LAYER.match(k)
-        if m:
-            i, b, rest = m.groups()
-            prefix = f"res{int(i) + 1}.{b}."
-            mm = re.match(r"^conv([1-3])\.weight$", rest)
-            if mm:
-                out[prefix + rest] = v
-                continue
-            mm = re.match(r"^bn([1-3])\.(\w+)$", rest)
-            if mm and mm.group(2) in _BN_FIELDS:
-                out[prefix + f"conv{mm.group(1)}.norm.{mm.group(2)}"] = v
-                continue
-            if rest == "downsample.0.weight":
-                out[prefix + "shortcut.weight"] = v
-                continue
-            mm = re.match(r"^downsample\.1\.(\w+)$", rest)
-            if mm and mm.group(1) in _BN_FIELDS:
-                out[prefix + f"shortcut.norm.{mm.group(1)}"] = v
-                continue
-        unmapped.append(k)
-    if unmapped:
-        raise ConversionError(f"torchvision ResNet keys without a Detectron2 name: {unmapped}")
-    return out
-
-
-def convert_torchvision_resnet(state_dict):
-    """Convert a torchvision ImageNet ResNet/ResNeXt state dict to a Detectron2 checkpoint dict.
-
-    Returns ``{"model": renamed_state_dict, "__author__": "torchvision", "matching_heuristics": True}``,
-    the format of Detectron2's ``tools/convert-torchvision-to-d2.py``: the names carry no
-    ``backbone.bottom_up.`` prefix, and Detectron2's checkpointer matches them to the model by suffix.
-    The model must use ``MODEL.RESNETS.STRIDE_IN_1X1: False`` and the RGB torchvision mean/std.
-    A dict holding ``state_dict`` or ``model`` is unwrapped first.
-    """
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], collections.abc.Mapping):
-        state_dict = state_dict["state_dict"]
-    elif "model" in state_dict and isinstance(state_dict["model"], collections.abc.Mapping):
-        state_dict = state_dict["model"]
-    return {
-        "model": rename_torchvision_resnet_keys(state_dict),
-        "__author__": "torchvision",
-        "matching_heuristics": True,
-    }
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m fsaf_d2.convert_mmdet",
-        description="Convert an mmdetection FSAF checkpoint to an fsaf_d2 (Detectron2) .pth checkpoint.",
-    )
-    parser.add_argument("input", metavar="INPUT", help="mmdet checkpoint (.pth): raw state dict or dict with 'state_dict'")
-    parser.add_argument("output", metavar="OUTPUT", help="output .pth for DetectionCheckpointer / MODEL.WEIGHTS")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print every renamed key")
-    args = parser.parse_args(argv)
-    if not args.output.endswith(".pth"):
-        print(
-            f"warning: {args.output} does not end in .pth; Detectron2 treats .pkl files as Caffe2 "
-            "checkpoints with heuristic name matching",
-            file=sys.stderr,
-        )
-    try:
-        ckpt = load_checkpoint_file(args.input)
-        out, summary = convert_mmdet_checkpoint(ckpt, verbose=args.verbose)
-    except ConversionError as e:
-        print(f"error: cannot convert {args.input}:\n{e}", file=sys.stderr)
-        return 1
-    torch.save(out, args.output)
-    _print_summary(summary, args.output)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
