@@ -126,6 +126,10 @@ def check_choice(key: str, value):
     return value
 
 
+#: the keys of FSAF_VALID_CHOICES that add_fsaf_config declares (the others are the engine's)
+_MODEL_CHOICE_KEYS = [key for key in FSAF_VALID_CHOICES if key.startswith(("MODEL.", "INPUT."))]
+
+
 def _get(cfg, key: str):
     node = cfg
     for part in key.split("."):
@@ -135,7 +139,7 @@ def _get(cfg, key: str):
 
 def validate_fsaf_config(cfg):
     """Fail early, naming the key, on values of the model's and input's keys that fsaf_d2 cannot use."""
-    for key in ("MODEL.FSAF.LOSS_NORMALIZER", "MODEL.FSAF.TOPK_RULE", "MODEL.FSAF.MEMORY_FORMAT", "INPUT.RESIZE_BACKEND"):
+    for key in _MODEL_CHOICE_KEYS:
         check_choice(key, _get(cfg, key))
     f = cfg.MODEL.FSAF
     if f.NUM_CLASSES < 1:

@@ -1,4 +1,4 @@
-"""fsaf_d2.export: TorchScript (tracing, scripting) and ONNX exports give the eager model's detections.
+"""fsaf_d2.export, tools/export.py: TorchScript (tracing, scripting) and ONNX exports give the eager detections.
 
 Tiny random models (ResNet-18 FPN, 3 classes) on 128x160 images. The head is re-initialised with larger
 weights so that the scores spread (tens of detections, no ties) instead of all sitting at the prior 0.01.
@@ -16,6 +16,8 @@ from detectron2.structures import Boxes, Instances
 from torch import nn
 
 from fsaf_d2 import export
+from fsaf_d2.engine.config import apply_device_rules
+from tools_testing import load_tool, tool_command, tool_env
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "modeling"))
 from fsaf_testing import CONFIG, tiny_cfg  # noqa: E402
@@ -32,6 +34,7 @@ ONNX_BOX_TOL = 1e-3
 def build(config_file=CONFIG, **overrides):
     torch.manual_seed(0)
     cfg = tiny_cfg(config_file, **{"MODEL.FSAF.SCORE_THRESH_TEST": 0.05, **overrides})
+    apply_device_rules(cfg)  # the layout train_net.py and tools/export.py build on this device
     model = build_model(cfg).eval()
     with torch.no_grad():
         for m in model.head.modules():
@@ -191,12 +194,12 @@ def test_cli_end_to_end(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(cfg.dump())
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "fsaf_d2.export", "--config-file", str(config), "--format", "torchscript",
-        "--export-method", "tracing", "--output", str(out), "--input-size", str(H), str(W),
+    cmd = tool_command(
+        "export", "--config-file", config, "--format", "torchscript",
+        "--export-method", "tracing", "--output", out, "--input-size", H, W,
         "MODEL.FSAF.SCORE_THRESH_TEST", "0.01",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=tool_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.jit.load" in proc.stdout and f"exactly H={H}, W={W}" in proc.stdout
     info = json.loads((out / "export_info.json").read_text())
@@ -209,5 +212,6 @@ def test_cli_end_to_end(tmp_path):
 
 
 def test_cli_rejects_onnx_scripting(tmp_path):
+    tool = load_tool("export")
     with pytest.raises(SystemExit):
-        export.main(["--config-file", "x.yaml", "--format", "onnx", "--export-method", "scripting", "--output", "o"])
+        tool.main(["--config-file", "x.yaml", "--format", "onnx", "--export-method", "scripting", "--output", "o"])
