@@ -48,8 +48,8 @@ setup(
         "console_scripts": [
             "fsaf-convert-mmdet=fsaf_d2.tools.convert_mmdet:main",
             "fsaf-benchmark=fsaf_d2.benchmark:main",
-            "fsaf-demo=fsaf_d2.demo:main",
-            "fsaf-export=fsaf_d2.export:main",
+            "fsaf-demo=fsaf_d2.tools.demo:main",
+            "fsaf-export=fsaf_d2.tools.export:main",
         ]
     },
 )

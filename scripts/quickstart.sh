@@ -8,12 +8,13 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # tools/*.py import this checkout's fsaf_d2
 PY=.venv/bin/python
 CONFIG=configs/quickstart_R18_FPN.yaml
 OUT="${OUTPUT_DIR:-output/quickstart}"   # OUTPUT_DIR=... bash scripts/quickstart.sh writes elsewhere
 "$PY" -m fsaf_d2.data.quickstart --if-missing
 "$PY" train_net.py --config-file "$CONFIG" OUTPUT_DIR "$OUT" "$@"
 DATA="$("$PY" -c 'import fsaf_d2.data.datasets as d; print(d.registered_quickstart_root())')"
-"$PY" -m fsaf_d2.demo --config-file "$CONFIG" --input "$DATA"/val/00000{1,2,3,4}.jpg --output "$OUT/demo" \
+"$PY" tools/demo.py --config-file "$CONFIG" --input "$DATA"/val/00000{1,2,3,4}.jpg --output "$OUT/demo" \
   --confidence-threshold 0.4 MODEL.WEIGHTS "$OUT/model_final.pth" "$@"
 echo "[quickstart] detections drawn in $OUT/demo/; AP table above; training log in $OUT/log.txt"

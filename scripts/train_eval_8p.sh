@@ -5,7 +5,7 @@
 #   DEVICE=cuda NUM_DEVICES=1 WEIGHTS=model.pth bash scripts/train_eval_8p.sh TEST.DETECTIONS_PER_IMAGE 100
 #
 # Environment: WEIGHTS (required: .pth checkpoint, or an mmdet checkpoint converted with
-# fsaf-convert-mmdet), plus DEVICE [npu], NUM_DEVICES [8], CONFIG, DATA_PATH, OUTPUT_DIR
+# tools/convert_mmdet.py), plus DEVICE [npu], NUM_DEVICES [8], CONFIG, DATA_PATH, OUTPUT_DIR
 # [output/eval_<device>_<N>p], LAUNCHER, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, ASCEND_SET_ENV, PYTHON
 # as in train_full_8p.sh.
 set -euo pipefail

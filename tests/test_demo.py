@@ -1,4 +1,5 @@
-"""fsaf_d2.demo: drawing detections with a tiny random RetinaNet (any meta-arch works), and its preprocessing."""
+"""tools/demo.py (fsaf_d2.predictor, fsaf_d2.visualization): drawing detections with a tiny random RetinaNet
+(any meta-arch works), and its preprocessing."""
 import os
 
 import numpy as np
@@ -9,9 +10,14 @@ from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from fsaf_d2 import demo
 from fsaf_d2.data import QUICKSTART_CLASSES
 from fsaf_d2.data.quickstart import generate_split
+from fsaf_d2.engine import build_config
+from fsaf_d2.predictor import Predictor
+from fsaf_d2.visualization import MIN_DRAWING_SIDE, class_metadata, draw_detections
+from tools_testing import load_tool
+
+demo = load_tool("demo")
 
 TINY_RETINANET = """
 MODEL:
@@ -53,7 +59,7 @@ def setup(tmp_path_factory):
     config_file = tmp / "tiny_retinanet.yaml"
     config_file.write_text(TINY_RETINANET)
     torch.manual_seed(0)
-    cfg = demo.setup_cfg(str(config_file))
+    cfg = build_config(str(config_file))
     DetectionCheckpointer(build_model(cfg), save_dir=str(tmp)).save("random")
     generate_split(str(tmp / "data"), "val", 2, seed=0)
     images = [str(tmp / "data" / "val" / f"00000{i}.jpg") for i in (1, 2)]
@@ -70,17 +76,17 @@ def test_cli_writes_drawings(setup, tmp_path):
     assert written == [str(out / "000001.jpg"), str(out / "000002.jpg")]
     for src, dst in zip(images, written):
         with Image.open(src) as a, Image.open(dst) as b:
-            scale = max(1.0, demo.MIN_DRAWING_SIDE / max(a.size))
+            scale = max(1.0, MIN_DRAWING_SIDE / max(a.size))
             assert all(abs(n - o * scale) <= 1 for n, o in zip(b.size, a.size)) and max(b.size) == 512
 
 
 def test_threshold_controls_what_is_drawn(setup, tmp_path):
     config_file, weights, images = setup
-    cfg = demo.setup_cfg(config_file, ["MODEL.WEIGHTS", weights])
-    model = demo.Predictor(cfg).model
+    cfg = build_config(config_file, ["MODEL.WEIGHTS", weights])
+    model = Predictor(cfg).model
     model.train()
-    (none,) = demo.draw_detections(cfg, model, images[:1], str(tmp_path / "none"), threshold=1.01)
-    (all_,) = demo.draw_detections(cfg, model, images[:1], str(tmp_path / "all"), threshold=0.0)
+    (none,) = draw_detections(cfg, model, images[:1], str(tmp_path / "none"), threshold=1.01)
+    (all_,) = draw_detections(cfg, model, images[:1], str(tmp_path / "all"), threshold=0.0)
     assert model.training  # restored
     plain = np.asarray(Image.open(images[0]).convert("RGB").resize(Image.open(none).size), dtype=np.float64)
     drawn_none = np.asarray(Image.open(none), dtype=np.float64)
@@ -102,16 +108,16 @@ def test_directory_and_glob_inputs_and_overrides_after_input(setup, tmp_path):
 
 
 def test_missing_weights_name_the_key(setup):
-    cfg = demo.setup_cfg(setup[0], ["MODEL.WEIGHTS", "/nonexistent/model.pth"])
+    cfg = build_config(setup[0], ["MODEL.WEIGHTS", "/nonexistent/model.pth"])
     with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS"):
-        demo.Predictor(cfg)
+        Predictor(cfg)
 
 
 def test_class_names_from_test_dataset(setup):
-    cfg = demo.setup_cfg(setup[0])
-    assert demo._metadata(cfg).thing_classes == list(QUICKSTART_CLASSES)
-    cfg = demo.setup_cfg(setup[0], ["DATASETS.TEST", "('not_registered',)"])
-    assert demo._metadata(cfg).get("thing_classes", None) is None
+    cfg = build_config(setup[0])
+    assert class_metadata(cfg).thing_classes == list(QUICKSTART_CLASSES)
+    cfg = build_config(setup[0], ["DATASETS.TEST", "('not_registered',)"])
+    assert class_metadata(cfg).get("thing_classes", None) is None
 
 
 class _Recorder(torch.nn.Module):
@@ -128,11 +134,11 @@ class _Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("fmt", ["RGB", "BGR"])
 def test_predictor_input_format_and_resize(setup, fmt):
-    cfg = demo.setup_cfg(setup[0], ["INPUT.FORMAT", fmt, "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "1000"])
+    cfg = build_config(setup[0], ["INPUT.FORMAT", fmt, "INPUT.MIN_SIZE_TEST", "320", "INPUT.MAX_SIZE_TEST", "1000"])
     image = np.zeros((100, 80, 3), dtype=np.uint8)
     image[..., 0] = 200  # red
     model = _Recorder()
-    out = demo.Predictor(cfg, model)(image)
+    out = Predictor(cfg, model)(image)
     x = model.inputs[0]
     assert (x["height"], x["width"]) == (100, 80) and x["image"].shape == (3, 400, 320)
     red_channel = 0 if fmt == "RGB" else 2
