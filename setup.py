@@ -47,7 +47,8 @@ setup(
     entry_points={
         "console_scripts": [
             "fsaf-convert-mmdet=fsaf_d2.tools.convert_mmdet:main",
-            "fsaf-benchmark=fsaf_d2.benchmark:main",
+            "fsaf-benchmark=fsaf_d2.tools.benchmark:main",
+            "fsaf-benchmark-data=fsaf_d2.tools.benchmark_data:main",
             "fsaf-demo=fsaf_d2.tools.demo:main",
             "fsaf-export=fsaf_d2.tools.export:main",
         ]

@@ -2,10 +2,10 @@
 # One-GPU check and benchmark for a machine without network (e.g. one H100 or H200):
 #   1. installs Detectron2 and its pure-Python dependencies offline from wheels in $WHL (default .whl/,
 #      filled beforehand on a machine with PyPI, see docs/benchmarks.md#bringing-the-wheels-to-a-machine-without-network);
-#   2. runs python -m fsaf_d2.benchmark: FSAF vs Detectron2's RetinaNet (+ static FSAF, the combined
+#   2. runs python tools/benchmark.py: FSAF vs Detectron2's RetinaNet (+ static FSAF, the combined
 #      model, FCOS) at batch 16, 800x1344, AMP fp16, each model as shipped and all in NCHW, with a profile,
-#      before/after pairs of channels-last and FrozenBN folding (--paired), and python -m
-#      fsaf_d2.benchmark_data (the training data loader's images/s per worker count);
+#      before/after pairs of channels-last and FrozenBN folding (--paired), and python
+#      tools/benchmark_data.py (the training data loader's images/s per worker count);
 #   3. a short real training run through train_net.py (1-GPU launch, AMP fp16) on the quickstart data.
 # Results go to $OUT (default ./gpu_out). Usage: bash scripts/gpu_benchmark.sh [extra benchmark args]
 set -uo pipefail
@@ -45,20 +45,20 @@ MODELS=${MODELS:-fsaf retinanet fsaf_static fsaf_retinanet fcos}
 # Detectron2's models: contiguous), "contiguous" / "channels_last" = that layout for every model
 for layout in ${LAYOUTS:-config contiguous}; do
   echo "=== benchmark (memory format: $layout)"
-  "$PY" -m fsaf_d2.benchmark --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --iters "${ITERS:-30}" \
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --iters "${ITERS:-30}" \
     --warmup "${WARMUP:-10}" --infer-iters 20 --models $MODELS --rounds "${ROUNDS:-1}" --profile \
     --memory-format "$layout" --out "$OUT/bench_$layout.json" "$@"
 done
 if [ -z "${SKIP_PAIRED:-}" ]; then
   # before/after pairs of the layout and FrozenBN folding, in one process, steps alternating
   echo "=== paired: FSAF as shipped vs NCHW vs FrozenBN folded"
-  "$PY" -m fsaf_d2.benchmark --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 20 \
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=True" \
     --out "$OUT/bench_paired_changes.json" "$@"
 fi
 echo "=== data loader (COCO-like 480x640 JPEGs, batch $BATCH)"
-"$PY" -m fsaf_d2.benchmark_data --images 64 --batch "$BATCH" --workers 0 4 8 --batches "${DATA_BATCHES:-40}" \
+"$PY" tools/benchmark_data.py --images 64 --batch "$BATCH" --workers 0 4 8 --batches "${DATA_BATCHES:-40}" \
   --out "$OUT/data_loader.json"
 
 if [ -z "${SKIP_TRAIN:-}" ]; then

@@ -4,7 +4,11 @@ import sys
 
 import pytest
 
-from fsaf_d2 import benchmark, benchmark_data
+from fsaf_d2.benchmarking import combine_rounds
+from tools_testing import load_tool
+
+benchmark = load_tool("benchmark")
+benchmark_data = load_tool("benchmark_data")
 
 
 def test_combine_rounds_takes_medians_and_reports_failures():
@@ -18,7 +22,7 @@ def test_combine_rounds_takes_medians_and_reports_failures():
           "max_rss_gib": 1.0, "train_loss_finite": True}]
         for k, t in ((1, 100.0), (2, 300.0), (3, 200.0))
     ]
-    a, b = benchmark.combine_rounds(rounds)
+    a, b = combine_rounds(rounds)
     assert a["train_ms_per_iter"] == 200.0 and a["infer_ms_per_iter"] == 20.0
     assert a["max_rss_gib"] == 3.0 and a["rounds"] == 3
     assert b == {"model": "b", "error": "boom"}
@@ -27,7 +31,7 @@ def test_combine_rounds_takes_medians_and_reports_failures():
 @pytest.mark.timeout(600)
 def test_model_benchmark_runs_every_model_in_alternating_rounds(tmp_path, monkeypatch):
     out = tmp_path / "bench.json"
-    monkeypatch.setattr(sys, "argv", ["fsaf_d2.benchmark"])
+    monkeypatch.setattr(sys, "argv", ["tools/benchmark.py"])
     rc = benchmark.main(
         ["--device", "cpu", "--batch", "1", "--size", "96x128", "--depth", "18", "--iters", "2", "--warmup", "1",
          "--infer-iters", "1", "--models", "fsaf", "retinanet", "--rounds", "2", "--profile", "--threads", "1",
@@ -52,7 +56,7 @@ def test_model_benchmark_runs_every_model_in_alternating_rounds(tmp_path, monkey
 @pytest.mark.timeout(600)
 def test_paired_benchmark_compares_a_config_change_in_one_process(tmp_path, monkeypatch):
     out = tmp_path / "paired.json"
-    monkeypatch.setattr(sys, "argv", ["fsaf_d2.benchmark"])
+    monkeypatch.setattr(sys, "argv", ["tools/benchmark.py"])
     variant = "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous"
     rc = benchmark.main(
         ["--device", "cpu", "--batch", "1", "--size", "96x128", "--depth", "18", "--iters", "2", "--warmup", "1",

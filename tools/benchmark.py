@@ -1,7 +1,10 @@
+#!/usr/bin/env python
 """Training / inference throughput of FSAF against Detectron2's RetinaNet (and FCOS), same run, same settings.
 
-    python -m fsaf_d2.benchmark --device cpu --batch 2 --size 320x320 --depth 50
-    python -m fsaf_d2.benchmark --device cuda --batch 16 --size 800x1344 --amp fp16 --out bench.json
+    python tools/benchmark.py --device cpu --batch 2 --size 320x320 --depth 50
+    python tools/benchmark.py --device cuda --batch 16 --size 800x1344 --amp fp16 --out bench.json
+
+(installed: ``fsaf-benchmark ...``, with ``--config-file``: an installed fsaf_d2 has no configs/ folder).
 
 Every model gets the same synthetic batch (random images of one size, ``--boxes`` random COCO-like boxes
 per image over 80 classes), the same backbone (depth ``--depth``, pytorch-style stride on the 3x3 conv as
@@ -12,17 +15,20 @@ SGD, and the same AMP setting. A training step is forward + backward + optimizer
 with a device synchronisation after ``--warmup`` steps. Each model runs in its own subprocess, so the CPU
 peak-memory figure (max RSS) is per model; on accelerators peak memory is the device allocator's.
 
-Models: ``fsaf`` (configs/fsaf_R50_FPN_1x.yaml), ``fsaf_static`` (the same with INPUT.FIXED_SIZES and
-MODEL.FSAF.MAX_GT: the static-shape path), ``fsaf_retinanet`` (the combined anchor-based + FSAF model),
-``retinanet`` (Detectron2 model zoo COCO-Detection/retinanet_R_50_FPN_1x.yaml), ``fcos`` (Detectron2's
-LazyConfig COCO-Detection/fcos_R_50_FPN_1x.py). ``--profile`` adds a per-phase breakdown of the FSAF
-training step from the torch profiler (record_function ranges in the model; the ResNet and the FPN are
-split by module hooks). ``--memory-format`` chooses the conv layout (default: each model as shipped).
-Step and inference times are medians over iterations; ``--rounds R`` repeats the model list R times in
-alternating order (A B, B A, ...) and reports medians over rounds and the per-round ratios, which keeps
-machine drift out of the comparison. ``--paired`` goes further: all models live in one process and their
-steps alternate one by one (no profile, no per-model memory figure in that mode). A model name may carry
-config overrides (``fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False``), which gives before/after pairs of one change.
+Models: ``fsaf`` (``--config-file``, default configs/fsaf_R50_FPN_1x.yaml), ``fsaf_static`` (the same with
+INPUT.FIXED_SIZES and MODEL.FSAF.MAX_GT: the static-shape path), ``fsaf_retinanet`` (the combined anchor-based
++ FSAF model), ``retinanet`` (Detectron2 model zoo COCO-Detection/retinanet_R_50_FPN_1x.yaml), ``fcos``
+(Detectron2's LazyConfig COCO-Detection/fcos_R_50_FPN_1x.py). ``--profile`` adds a per-phase breakdown of the
+FSAF training step from the torch profiler (record_function ranges in the model; the ResNet and the FPN are
+split by module hooks). ``--memory-format`` chooses the conv layout (default: each model as shipped). Step and
+inference times are medians over iterations; ``--rounds R`` repeats the model list R times in alternating
+order (A B, B A, ...) and reports medians over rounds and the per-round ratios, which keeps machine drift out
+of the comparison. ``--paired`` goes further: all models live in one process and their steps alternate one by
+one (no profile, no per-model memory figure in that mode). A model name may carry config overrides
+(``fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False``), which gives before/after pairs of one change.
+The configs are built as ``train_net.py`` builds them (:func:`fsaf_d2.engine.build_config`) for images of
+``--size``: on npu the FSAF models therefore take the static shapes of training. The timing helpers are
+:mod:`fsaf_d2.benchmarking`.
 """
 import argparse
 import json
@@ -31,30 +37,38 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-MODELS = ("fsaf", "fsaf_static", "fsaf_retinanet", "retinanet", "fcos")
-PHASES = (
-    "fsaf.preprocess",
-    "fsaf.backbone",
-    "bench.resnet",
-    "bench.fpn",
-    "fsaf.head",
-    "fsaf.assignment",
-    "fsaf.dense_losses",
-    "fsaf.selection",
-    "fsaf.reduce",
-    "bench.backward",
-    "bench.optimizer",
+import fsaf_d2
+from fsaf_d2.benchmarking import (
+    all_finite,
+    combine_rounds,
+    make_infer_call,
+    make_train_step,
+    phase_breakdown,
+    range_hooks,
+    round_ratios,
+    synthetic_batch,
+    time_alternating,
 )
+from fsaf_d2.engine import build_config
+from fsaf_d2.engine import device as dev
+from fsaf_d2.engine.train_loop import parse_precision
+
+MODELS = ("fsaf", "fsaf_static", "fsaf_retinanet", "retinanet", "fcos")
+#: the repository's configs/, next to tools/ (an installed fsaf_d2 has none: give --config-file)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"),
+        help="config of the FSAF models (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
+    )
     p.add_argument(
         "--models", nargs="+", default=["fsaf", "retinanet"], type=_model_spec,
         help=f"models among {list(MODELS)}; a model name may carry config overrides after '+', e.g. "
@@ -115,22 +129,14 @@ def _split_spec(spec: str):
     return base, overrides
 
 
-def _config_dir():
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return os.path.join(here, "configs")
-
-
 def build_model(spec: str, args):
     """Build one benchmarked model on ``args.device`` with random weights (FrozenBN, zeroed last norms)."""
-    from detectron2.config import get_cfg
+    from detectron2 import model_zoo
     from detectron2.modeling import build_model as d2_build
 
-    import fsaf_d2
-
     name, overrides = _split_spec(spec)
-    h, w = (int(v) for v in args.size.split("x"))
+    h, w = _size(args)
     if name == "fcos":
-        from detectron2 import model_zoo
         from detectron2.config import instantiate
 
         if args.depth < 50:
@@ -144,31 +150,32 @@ def build_model(spec: str, args):
         if args.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
     else:
-        cfg = get_cfg()
-        fsaf_d2.add_fsaf_config(cfg)
         if name == "retinanet":
-            from detectron2 import model_zoo
-
-            cfg.merge_from_file(model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml"))
+            config_file = model_zoo.get_config_file("COCO-Detection/retinanet_R_50_FPN_1x.yaml")
         else:
-            cfg.merge_from_file(os.path.join(_config_dir(), "fsaf_R50_FPN_1x.yaml"))
-        cfg.MODEL.WEIGHTS = ""
-        cfg.MODEL.DEVICE = args.device
-        cfg.MODEL.RESNETS.DEPTH = args.depth
-        cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False  # the same (pytorch-style) ResNet for every model
+            config_file = args.config_file
+        opts = [
+            "MODEL.WEIGHTS", "",
+            "MODEL.DEVICE", args.device,
+            "MODEL.RESNETS.DEPTH", args.depth,
+            "MODEL.RESNETS.STRIDE_IN_1X1", False,  # the same (pytorch-style) ResNet for every model
+            # the resize settings of images of --size (on npu they give the default static-shape buckets)
+            "INPUT.MIN_SIZE_TRAIN", (min(h, w),),
+            "INPUT.MAX_SIZE_TRAIN", max(h, w),
+            "INPUT.MIN_SIZE_TEST", min(h, w),
+            "INPUT.MAX_SIZE_TEST", max(h, w),
+        ]
         if args.depth < 50:
-            cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+            opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
         if name == "fsaf_static":
             ph, pw = (-(-h // 32) * 32, -(-w // 32) * 32)
-            cfg.INPUT.FIXED_SIZES = [[ph, pw], [pw, ph]]
-            cfg.MODEL.FSAF.MAX_GT = max(args.boxes, 1)
+            opts += ["INPUT.FIXED_SIZES", [[ph, pw], [pw, ph]], "MODEL.FSAF.MAX_GT", max(args.boxes, 1)]
         if name == "fsaf_retinanet":
-            cfg.MODEL.FSAF.ANCHOR_BASED = True
-            cfg.MODEL.ANCHOR_GENERATOR.SIZES = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in (32, 64, 128, 256, 512)]
+            sizes = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in (32, 64, 128, 256, 512)]
+            opts += ["MODEL.FSAF.ANCHOR_BASED", True, "MODEL.ANCHOR_GENERATOR.SIZES", sizes]
         if name != "retinanet" and args.memory_format != "config":
-            cfg.MODEL.FSAF.MEMORY_FORMAT = args.memory_format
-        cfg.merge_from_list(overrides)  # the model's own overrides come last
-        model = d2_build(cfg)
+            opts += ["MODEL.FSAF.MEMORY_FORMAT", args.memory_format]
+        model = d2_build(build_config(config_file, opts + overrides))  # the model's own overrides come last
         if name == "retinanet" and args.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
     for m in model.modules():  # residual blocks start as identity: random FrozenBN nets stay finite
@@ -179,37 +186,25 @@ def build_model(spec: str, args):
     return model
 
 
-def synthetic_batch(n: int, args, seed: int, with_targets: bool = True) -> List[Dict]:
-    from detectron2.structures import Boxes, Instances
-
+def _size(args):
+    """``--size`` as (H, W)."""
     h, w = (int(v) for v in args.size.split("x"))
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        # uint8 CHW, as Detectron2's dataset mapper produces (the host-to-device copy is part of the step)
-        d = {"image": (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8), "height": h, "width": w}
-        if with_targets:
-            k = args.boxes
-            side = torch.exp(torch.empty(k, 2).uniform_(2.8, 6.0, generator=g)).clamp(max=min(h, w) - 2)
-            x0 = torch.rand(k, generator=g) * (w - side[:, 0])
-            y0 = torch.rand(k, generator=g) * (h - side[:, 1])
-            inst = Instances((h, w))
-            inst.gt_boxes = Boxes(torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], dim=1))
-            inst.gt_classes = torch.randint(0, 80, (k,), generator=g)
-            d["instances"] = inst
-        out.append(d)
-    return out
+    return h, w
 
 
-def _autocast(args):
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
-    device_type = torch.device(args.device).type
-    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+def _precision(args) -> Optional[torch.dtype]:
+    """The autocast dtype of ``--amp``, None without AMP."""
+    return None if args.amp == "none" else parse_precision(args.amp)
+
+
+def _batches(args):
+    """The training batch and the inference inputs of every model: same images, same seeds."""
+    train = synthetic_batch(args.batch, _size(args), args.boxes, args.seed)
+    infer = synthetic_batch(args.infer_batch, _size(args), args.boxes, args.seed + 1, with_targets=False)
+    return train, infer
 
 
 def _prepare_device(args):
-    from fsaf_d2.engine import device as dev
-
     if args.threads:
         torch.set_num_threads(args.threads)
     if torch.device(args.device).type == "cuda":
@@ -217,67 +212,6 @@ def _prepare_device(args):
     torch.manual_seed(args.seed)
     if args.device.startswith("npu"):
         dev.import_torch_npu()
-    return dev
-
-
-def make_train_step(model, args, batch):
-    """A closure running one training step (forward, backward, clip, SGD) of ``model`` on ``batch``."""
-    from detectron2.utils.events import EventStorage
-
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=args.amp == "fp16")
-    storage = EventStorage(0)
-
-    def step():
-        with _autocast(args), storage:
-            losses = model(batch)
-        loss = sum(losses.values())
-        with torch.autograd.profiler.record_function("bench.backward"):
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-        with torch.autograd.profiler.record_function("bench.optimizer"):
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, 10.0)
-            scaler.step(opt)
-            scaler.update()
-        return loss
-
-    return step
-
-
-def make_infer_call(model, args, inputs):
-    """A closure running ``model`` in evaluation mode on ``inputs`` (no grad, the run's AMP setting)."""
-    model.eval()
-
-    def call():
-        with torch.no_grad(), _autocast(args):
-            return model(inputs)
-
-    return call
-
-
-def time_alternating(calls: Dict[str, Callable], iters: int, device: str):
-    """Call every function ``iters`` times, the order of the functions reversed every iteration, each call
-    timed up to a device synchronisation. Returns ({name: [seconds]}, {name: [return values]})."""
-    from fsaf_d2.engine import device as dev
-
-    names = list(calls)
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    outputs: Dict[str, list] = {name: [] for name in names}
-    for i in range(iters):
-        for name in names if i % 2 == 0 else reversed(names):
-            t0 = time.perf_counter()
-            out = calls[name]()
-            dev.synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-            outputs[name].append(out)
-    return times, outputs
-
-
-def _all_finite(losses) -> bool:
-    return all(bool(torch.isfinite(x).item()) for x in losses)
 
 
 def run_paired(args) -> List[Dict]:
@@ -286,12 +220,11 @@ def run_paired(args) -> List[Dict]:
     _prepare_device(args)
     names = list(args.models)
     models = {name: build_model(name, args) for name in names}
-    batch = synthetic_batch(args.batch, args, args.seed)
-    steps = {name: make_train_step(models[name], args, batch) for name in names}
+    batch, infer = _batches(args)
+    steps = {name: make_train_step(models[name], batch, args.device, _precision(args)) for name in names}
     time_alternating(steps, args.warmup, args.device)
     times, losses = time_alternating(steps, args.iters, args.device)
-    infer = synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False)
-    calls = {name: make_infer_call(models[name], args, infer) for name in names}
+    calls = {name: make_infer_call(models[name], infer, args.device, _precision(args)) for name in names}
     time_alternating(calls, 2, args.device)
     infer_times, _ = time_alternating(calls, args.infer_iters, args.device)
     results = []
@@ -303,7 +236,7 @@ def run_paired(args) -> List[Dict]:
                 "train_ms_per_iter": 1000 * train,
                 "train_ms_all": [round(1000 * t, 2) for t in times[name]],
                 "train_images_per_sec": args.batch / train,
-                "train_loss_finite": _all_finite(losses[name]),
+                "train_loss_finite": all_finite(losses[name]),
                 "train_peak_mem_gib": None,
                 "infer_ms_per_iter": 1000 * inf,
                 "infer_images_per_sec": args.infer_batch / inf,
@@ -315,10 +248,10 @@ def run_paired(args) -> List[Dict]:
 
 
 def run_worker(name: str, args) -> Dict:
-    dev = _prepare_device(args)
+    _prepare_device(args)
     model = build_model(name, args)
-    batch = synthetic_batch(args.batch, args, args.seed)
-    step = make_train_step(model, args, batch)
+    batch, infer = _batches(args)
+    step = make_train_step(model, batch, args.device, _precision(args))
 
     time_alternating({name: step}, args.warmup, args.device)
     dev.reset_peak_memory_stats(args.device)
@@ -332,7 +265,7 @@ def run_worker(name: str, args) -> Dict:
         "train_ms_per_iter_mean": 1000 * sum(times) / len(times),
         "train_ms_all": [round(1000 * t, 2) for t in times],
         "train_images_per_sec": args.batch / median,
-        "train_loss_finite": _all_finite(losses[name][-1:]),
+        "train_loss_finite": all_finite(losses[name][-1:]),
         "train_peak_mem_gib": None if train_peak is None else train_peak / 2**30,
     }
 
@@ -342,16 +275,16 @@ def run_worker(name: str, args) -> Dict:
         activities = [ProfilerActivity.CPU]
         if torch.device(args.device).type == "cuda":
             activities.append(ProfilerActivity.CUDA)
-        handles = _range_hooks(getattr(model.backbone, "bottom_up", None), "bench.resnet")
+        handles = range_hooks(getattr(model.backbone, "bottom_up", None), "bench.resnet")
         with profile(activities=activities) as prof:
             for _ in range(3):
                 step()
             dev.synchronize(args.device)
         for h in handles:
             h.remove()
-        result["profile_ms_per_iter"] = _phase_breakdown(prof, 3)
+        result["profile_ms_per_iter"] = phase_breakdown(prof, 3)
 
-    call = make_infer_call(model, args, synthetic_batch(args.infer_batch, args, args.seed + 1, with_targets=False))
+    call = make_infer_call(model, infer, args.device, _precision(args))
     time_alternating({name: call}, 2, args.device)
     dev.reset_peak_memory_stats(args.device)
     infer_times, _ = time_alternating({name: call}, args.infer_iters, args.device)
@@ -366,50 +299,6 @@ def run_worker(name: str, args) -> Dict:
         }
     )
     return result
-
-
-def _range_hooks(module, name: str):
-    """Wrap every forward of ``module`` in a profiler range ``name`` (hooks; the model code is untouched)."""
-    if module is None:
-        return []
-    open_ranges = []
-
-    def enter(_module, _inputs):
-        rng = torch.autograd.profiler.record_function(name)
-        rng.__enter__()
-        open_ranges.append(rng)
-
-    def leave(_module, _inputs, _outputs):
-        open_ranges.pop().__exit__(None, None, None)
-
-    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
-
-
-def _phase_breakdown(prof, steps: int) -> Dict[str, float]:
-    """Milliseconds per training step spent in each record_function range (device time on accelerators).
-
-    "bench.resnet" is the ResNet (``backbone.bottom_up``) inside "fsaf.backbone"; "bench.fpn" is the rest of
-    the backbone range (lateral and output convs, top block).
-    """
-    out = {}
-    for evt in prof.key_averages():
-        if evt.key in PHASES:
-            device_us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
-            us = device_us if device_us > 0 else evt.cpu_time_total
-            out[evt.key] = us / 1000.0 / steps
-    if "fsaf.backbone" in out and "bench.resnet" in out:
-        out["bench.fpn"] = out["fsaf.backbone"] - out["bench.resnet"]
-    return {k: out[k] for k in PHASES if k in out}
-
-
-def round_ratios(rounds: List[List[Dict]], name: str, base: str = "retinanet") -> List[float]:
-    """Training-step time of ``name`` over ``base`` in each round (the two ran back to back)."""
-    out = []
-    for per_model in rounds:
-        by = {r["model"]: r for r in per_model if "error" not in r}
-        if name in by and base in by:
-            out.append(by[name]["train_ms_per_iter"] / by[base]["train_ms_per_iter"])
-    return out
 
 
 def format_table(results: List[Dict], args, rounds: Optional[List[List[Dict]]] = None) -> str:
@@ -510,37 +399,16 @@ def _main_paired(args, argv: List[str]) -> int:
 
 
 def _run_in_subprocess(name: str, argv: List[str]):
-    cmd = [sys.executable, "-m", "fsaf_d2.benchmark", *argv, "--worker", name]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # this file again, importing the fsaf_d2 that this process imported
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, "--worker", name]
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(fsaf_d2.__file__)))
+    path = [package_root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(path)))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"model": name, "error": " / ".join(tail)[-300:]}
     return json.loads(lines[-1][len("RESULT "):])
-
-
-_MEDIAN_KEYS = ("train_ms_per_iter", "train_images_per_sec", "infer_ms_per_iter", "infer_images_per_sec")
-
-
-def combine_rounds(rounds: List[List[Dict]]) -> List[Dict]:
-    """One result per model: the first round's record, with the timing figures replaced by their median
-    over rounds (a model that failed in any round is reported with its error)."""
-    combined = []
-    for per_model in zip(*rounds):
-        failed = [r for r in per_model if "error" in r]
-        if failed:
-            combined.append(failed[0])
-            continue
-        r = dict(per_model[0])
-        for key in _MEDIAN_KEYS:
-            r[key] = statistics.median(x[key] for x in per_model)
-        r["rounds"] = len(per_model)
-        for key in ("train_peak_mem_gib", "infer_peak_mem_gib", "max_rss_gib"):
-            values = [x[key] for x in per_model if x.get(key) is not None]
-            r[key] = max(values) if values else None
-        r["train_loss_finite"] = all(x["train_loss_finite"] for x in per_model)
-        combined.append(r)
-    return combined
 
 
 if __name__ == "__main__":

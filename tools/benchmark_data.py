@@ -1,10 +1,14 @@
+#!/usr/bin/env python
 """Throughput of fsaf_d2's training data path: JPEG decode, resize, flip, annotations -> Instances, batching.
 
-    python -m fsaf_d2.benchmark_data --images 64 --size 480x640 --batch 16 --workers 0 2 --backends pil cv2
+    python tools/benchmark_data.py --images 64 --size 480x640 --batch 16 --workers 0 2 --backends pil cv2
+
+(installed: ``fsaf-benchmark-data ...``, with ``--config-file``: an installed fsaf_d2 has no configs/ folder).
 
 It writes ``--images`` synthetic COCO-like JPEGs (``--size`` HxW, smooth content plus noise, ``--boxes``
 boxes each over 80 categories) and a COCO json to a temporary folder, registers them, and times the loader
-that ``train_net.py`` builds (:func:`fsaf_d2.data.build_fsaf_train_loader`, the FSAF R50 config's
+that ``train_net.py`` builds (:func:`fsaf_d2.data.build_fsaf_train_loader` on the config of
+:func:`fsaf_d2.engine.build_config`, by default the FSAF R50 config's
 augmentation: shortest edge 800, longest at most 1333, random flip) for each number of loader workers and
 resize backend. With 0 workers the figure is what one CPU core delivers; a GPU step of B images that takes
 T seconds needs ``B / T`` images/s from the loader to never wait.
@@ -20,6 +24,13 @@ from typing import Dict, List
 
 import numpy as np
 
+from fsaf_d2.config import FSAF_VALID_CHOICES
+from fsaf_d2.data import build_fsaf_train_loader
+from fsaf_d2.engine import build_config
+
+#: the repository's configs/, next to tools/ (an installed fsaf_d2 has none: give --config-file)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,7 +39,10 @@ def parse_args(argv=None):
     p.add_argument("--boxes", type=int, default=7, help="objects per image (COCO averages 7.3)")
     p.add_argument("--batch", type=int, default=16, help="images per batch (SOLVER.IMS_PER_BATCH)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DATALOADER.NUM_WORKERS values")
-    p.add_argument("--backends", nargs="+", default=["pil", "cv2"], choices=["pil", "cv2"], help="INPUT.RESIZE_BACKEND")
+    p.add_argument(
+        "--backends", nargs="+", default=["pil", "cv2"], choices=FSAF_VALID_CHOICES["INPUT.RESIZE_BACKEND"],
+        help="INPUT.RESIZE_BACKEND",
+    )
     p.add_argument(
         "--batches", type=int, default=24,
         help="timed batches per setting; keep it well above 2 x workers, the batches the workers prefetch",
@@ -37,7 +51,10 @@ def parse_args(argv=None):
         "--warmup", type=int, default=-1,
         help="untimed batches per setting (worker start-up); -1 = 2 x workers + 1, which empties the prefetch queue",
     )
-    p.add_argument("--config-file", default="", help="default: configs/fsaf_R50_FPN_1x.yaml")
+    p.add_argument(
+        "--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"),
+        help="the training config (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
+    )
     p.add_argument("--out", default="", help="write the results as JSON here")
     return p.parse_args(argv)
 
@@ -79,8 +96,6 @@ def write_synthetic_coco(root: str, num_images: int, height: int, width: int, bo
 
 def time_loader(cfg, batches: int, warmup: int) -> Dict:
     """Images/s and seconds per batch of ``build_fsaf_train_loader(cfg)`` over ``batches`` batches."""
-    from fsaf_d2.data import build_fsaf_train_loader
-
     loader = iter(build_fsaf_train_loader(cfg))
     for _ in range(warmup):
         next(loader)
@@ -104,14 +119,10 @@ def time_loader(cfg, batches: int, warmup: int) -> Dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    from detectron2.config import get_cfg
     from detectron2.data.datasets import register_coco_instances
 
-    import fsaf_d2
-
     h, w = (int(v) for v in args.size.split("x"))
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    config_file = args.config_file or os.path.join(here, "configs", "fsaf_R50_FPN_1x.yaml")
+    config_file = args.config_file
     results = []
     with tempfile.TemporaryDirectory(prefix="fsaf_data_bench_") as root:
         json_file = write_synthetic_coco(root, args.images, h, w, args.boxes)
@@ -119,14 +130,14 @@ def main(argv=None):
         register_coco_instances(name, {}, json_file, root)
         for backend in args.backends:
             for workers in args.workers:
-                cfg = get_cfg()
-                fsaf_d2.add_fsaf_config(cfg)
-                cfg.merge_from_file(config_file)
-                cfg.DATASETS.TRAIN = (name,)
-                cfg.SOLVER.IMS_PER_BATCH = args.batch
-                cfg.DATALOADER.NUM_WORKERS = workers
-                cfg.INPUT.RESIZE_BACKEND = backend
-                cfg.SEED = 0
+                opts = [
+                    "DATASETS.TRAIN", (name,),
+                    "SOLVER.IMS_PER_BATCH", args.batch,
+                    "DATALOADER.NUM_WORKERS", workers,
+                    "INPUT.RESIZE_BACKEND", backend,
+                    "SEED", 0,
+                ]
+                cfg = build_config(config_file, opts)
                 warmup = args.warmup if args.warmup >= 0 else 2 * workers + 1
                 r = time_loader(cfg, args.batches, warmup)
                 r.update({"backend": backend, "workers": workers})

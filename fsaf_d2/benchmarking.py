@@ -1,0 +1,201 @@
+"""Timing of training steps and inference calls, for comparing models in one run (``tools/benchmark.py``).
+
+Synthetic batches (:func:`synthetic_batch`), closures of one training step / inference call
+(:func:`make_train_step`, :func:`make_infer_call`), a timing loop that alternates between models so that
+machine drift hits all of them alike (:func:`time_alternating`), the per-phase breakdown of a profile
+(:func:`phase_breakdown`, the ``record_function`` ranges in :data:`PHASES`) and the combination of repeated
+rounds (:func:`combine_rounds`, :func:`round_ratios`). Times are seconds, sizes (H, W) pixels.
+"""
+import statistics
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from detectron2.structures import Boxes, Instances
+from detectron2.utils.events import EventStorage
+
+from .engine import device as dev
+
+__all__ = [
+    "PHASES",
+    "synthetic_batch",
+    "autocast",
+    "make_train_step",
+    "make_infer_call",
+    "time_alternating",
+    "all_finite",
+    "range_hooks",
+    "phase_breakdown",
+    "round_ratios",
+    "combine_rounds",
+]
+
+#: profiler ranges of an FSAF training step: the model's own ("fsaf.*") and those of the benchmark ("bench.*")
+PHASES = (
+    "fsaf.preprocess",
+    "fsaf.backbone",
+    "bench.resnet",
+    "bench.fpn",
+    "fsaf.head",
+    "fsaf.assignment",
+    "fsaf.dense_losses",
+    "fsaf.selection",
+    "fsaf.reduce",
+    "bench.backward",
+    "bench.optimizer",
+)
+
+
+
+def synthetic_batch(n: int, size: Tuple[int, int], boxes: int, seed: int, with_targets: bool = True) -> List[Dict]:
+    """``n`` random images of ``size`` (H, W), each with ``boxes`` random COCO-like boxes over 80 classes."""
+    h, w = size
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        # uint8 CHW, as Detectron2's dataset mapper produces (the host-to-device copy is part of the step)
+        d = {"image": (torch.rand(3, h, w, generator=g) * 255).to(torch.uint8), "height": h, "width": w}
+        if with_targets:
+            k = boxes
+            side = torch.exp(torch.empty(k, 2).uniform_(2.8, 6.0, generator=g)).clamp(max=min(h, w) - 2)
+            x0 = torch.rand(k, generator=g) * (w - side[:, 0])
+            y0 = torch.rand(k, generator=g) * (h - side[:, 1])
+            inst = Instances((h, w))
+            inst.gt_boxes = Boxes(torch.stack([x0, y0, x0 + side[:, 0], y0 + side[:, 1]], dim=1))
+            inst.gt_classes = torch.randint(0, 80, (k,), generator=g)
+            d["instances"] = inst
+        out.append(d)
+    return out
+
+
+def autocast(device: str, precision: Optional[torch.dtype]):
+    """``torch.autocast`` on the type of ``device`` to ``precision``; disabled when ``precision`` is None."""
+    return torch.autocast(torch.device(device).type, dtype=precision, enabled=precision is not None)
+
+
+def make_train_step(model, batch, device: str, precision: Optional[torch.dtype] = None):
+    """A closure running one training step (forward, backward, clip, SGD) of ``model`` on ``batch``.
+
+    ``precision``: the autocast dtype (float16 adds a gradient scaler), or None for float32.
+    """
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9, weight_decay=1e-4)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == torch.float16)
+    storage = EventStorage(0)
+
+    def step():
+        with autocast(device, precision), storage:
+            losses = model(batch)
+        loss = sum(losses.values())
+        with torch.autograd.profiler.record_function("bench.backward"):
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        with torch.autograd.profiler.record_function("bench.optimizer"):
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, 10.0)
+            scaler.step(opt)
+            scaler.update()
+        return loss
+
+    return step
+
+
+def make_infer_call(model, inputs, device: str, precision: Optional[torch.dtype] = None):
+    """A closure running ``model`` in evaluation mode on ``inputs`` (no grad, autocast to ``precision``)."""
+    model.eval()
+
+    def call():
+        with torch.no_grad(), autocast(device, precision):
+            return model(inputs)
+
+    return call
+
+
+def time_alternating(calls: Dict[str, Callable], iters: int, device: str):
+    """Call every function ``iters`` times, the order of the functions reversed every iteration, each call
+    timed up to a device synchronisation. Returns ({name: [seconds]}, {name: [return values]})."""
+    names = list(calls)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    outputs: Dict[str, list] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names if i % 2 == 0 else reversed(names):
+            t0 = time.perf_counter()
+            out = calls[name]()
+            dev.synchronize(device)
+            times[name].append(time.perf_counter() - t0)
+            outputs[name].append(out)
+    return times, outputs
+
+
+def all_finite(losses) -> bool:
+    """Whether every (0-dim) loss is finite."""
+    return all(bool(torch.isfinite(x).item()) for x in losses)
+
+
+def range_hooks(module, name: str):
+    """Wrap every forward of ``module`` in a profiler range ``name`` (hooks; the model code is untouched)."""
+    if module is None:
+        return []
+    open_ranges = []
+
+    def enter(_module, _inputs):
+        rng = torch.autograd.profiler.record_function(name)
+        rng.__enter__()
+        open_ranges.append(rng)
+
+    def leave(_module, _inputs, _outputs):
+        open_ranges.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
+def phase_breakdown(prof, steps: int) -> Dict[str, float]:
+    """Milliseconds per training step spent in each record_function range (device time on accelerators).
+
+    "bench.resnet" is the ResNet (``backbone.bottom_up``) inside "fsaf.backbone"; "bench.fpn" is the rest of
+    the backbone range (lateral and output convs, top block).
+    """
+    out = {}
+    for evt in prof.key_averages():
+        if evt.key in PHASES:
+            device_us = getattr(evt, "device_time_total", 0) or getattr(evt, "cuda_time_total", 0) or 0
+            us = device_us if device_us > 0 else evt.cpu_time_total
+            out[evt.key] = us / 1000.0 / steps
+    if "fsaf.backbone" in out and "bench.resnet" in out:
+        out["bench.fpn"] = out["fsaf.backbone"] - out["bench.resnet"]
+    return {k: out[k] for k in PHASES if k in out}
+
+
+def round_ratios(rounds: List[List[Dict]], name: str, base: str = "retinanet") -> List[float]:
+    """Training-step time of ``name`` over ``base`` in each round (the two ran back to back)."""
+    out = []
+    for per_model in rounds:
+        by = {r["model"]: r for r in per_model if "error" not in r}
+        if name in by and base in by:
+            out.append(by[name]["train_ms_per_iter"] / by[base]["train_ms_per_iter"])
+    return out
+
+
+_MEDIAN_KEYS = ("train_ms_per_iter", "train_images_per_sec", "infer_ms_per_iter", "infer_images_per_sec")
+
+
+def combine_rounds(rounds: List[List[Dict]]) -> List[Dict]:
+    """One result per model: the first round's record, with the timing figures replaced by their median
+    over rounds (a model that failed in any round is reported with its error)."""
+    combined = []
+    for per_model in zip(*rounds):
+        failed = [r for r in per_model if "error" in r]
+        if failed:
+            combined.append(failed[0])
+            continue
+        r = dict(per_model[0])
+        for key in _MEDIAN_KEYS:
+            r[key] = statistics.median(x[key] for x in per_model)
+        r["rounds"] = len(per_model)
+        for key in ("train_peak_mem_gib", "infer_peak_mem_gib", "max_rss_gib"):
+            values = [x[key] for x in per_model if x.get(key) is not None]
+            r[key] = max(values) if values else None
+        r["train_loss_finite"] = all(x["train_loss_finite"] for x in per_model)
+        combined.append(r)
+    return combined
