@@ -19,6 +19,7 @@ from .engine import device as dev
 __all__ = [
     "PHASES",
     "synthetic_batch",
+    "training_input",
     "autocast",
     "make_train_step",
     "make_infer_call",
@@ -66,6 +67,17 @@ def synthetic_batch(n: int, size: Tuple[int, int], boxes: int, seed: int, with_t
             d["instances"] = inst
         out.append(d)
     return out
+
+
+def training_input(height: int, width: int, boxes, classes, seed: int = 0) -> Dict:
+    """One training input in Detectron2's format: a random float image (3, H, W) in [0, 255) and the given
+    ground truth (``boxes`` (K, 4) XYXY pixels, ``classes`` (K,) ids); "height" / "width" are the image's."""
+    g = torch.Generator().manual_seed(seed)
+    inst = Instances((height, width))
+    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
+    image = torch.rand(3, height, width, generator=g) * 255
+    return {"image": image, "instances": inst, "height": height, "width": width}
 
 
 def autocast(device: str, precision: Optional[torch.dtype]):

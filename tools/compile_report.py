@@ -1,23 +1,35 @@
+#!/usr/bin/env python
 """How much of the FSAF training step torch.compile captures, static vs dynamic shapes (torch._dynamo.explain).
 
-    .venv/bin/python scripts/compile_report.py [--size 256x320] [--batch 2]
+    python tools/compile_report.py [--size 256x320] [--batch 2] [--config-file configs/fsaf_R50_FPN_1x.yaml]
 
 Prints, for the static path (INPUT.FIXED_SIZES + MODEL.FSAF.MAX_GT) and the dynamic path, the number of
 graphs and graph breaks of (a) the loss computation from head outputs (assignment, selection, losses) and
 (b) backbone + head + loss from preprocessed images and padded ground truth, with the break reasons.
+The model is the config's FSAF on a ResNet-18 with BN, 3 classes, on the CPU.
 """
 import argparse
 import os
-import sys
 
 import torch
+from detectron2.modeling import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "modeling"))
-from fsaf_testing import make_input, tiny_cfg  # noqa: E402
+from fsaf_d2.benchmarking import training_input
+from fsaf_d2.engine import build_config
+from fsaf_d2.modeling.losses import fsaf_losses
 
-from detectron2.modeling import build_model  # noqa: E402
-
-from fsaf_d2.modeling.losses import fsaf_losses  # noqa: E402
+#: the repository's configs/, next to tools/
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+#: a small FSAF: ResNet-18, BN (FrozenBN with random weights diverges), 3 classes, CPU
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", 64,
+    "MODEL.FSAF.NUM_CLASSES", 3,
+]
 
 
 def report(name, fn, *args):
@@ -33,12 +45,14 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="256x320")
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"))
     args = p.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
-    batch = [make_input(h - 32 * (i % 2), w, [[10, 10, 90, 120], [40, 40, 60, 70]], [0, 2], seed=i) for i in range(args.batch)]
-    for mode, opts in (("static", {"INPUT.FIXED_SIZES": [[h, w], [w, h]], "MODEL.FSAF.MAX_GT": 8}), ("dynamic", {})):
+    two_boxes = [[10, 10, 90, 120], [40, 40, 60, 70]]
+    batch = [training_input(h - 32 * (i % 2), w, two_boxes, [0, 2], seed=i) for i in range(args.batch)]
+    for mode, opts in (("static", ["INPUT.FIXED_SIZES", [[h, w], [w, h]], "MODEL.FSAF.MAX_GT", 8]), ("dynamic", [])):
         torch.manual_seed(0)
-        model = build_model(tiny_cfg(**opts)).train()
+        model = build_model(build_config(args.config_file, TINY_OPTS + opts)).train()
         images = model.preprocess_image(batch)
         gt = model._ground_truth(batch)[:3]
         feats = model.backbone(images.tensor)
@@ -74,7 +88,7 @@ def main():
         compiled = torch.compile(step_from_images, backend="eager", dynamic=False)
         boxes = [[10, 10, 90, 120], [40, 40, 60, 70], [5, 5, 30, 30]]
         for k, (dh, dw, n) in enumerate(((0, 0, 2), (-32, -64, 3), (-64, -32, 1))):
-            b = [make_input(h + dh, w + dw, boxes[:n], [0, 2, 1][:n], seed=k)]
+            b = [training_input(h + dh, w + dw, boxes[:n], [0, 2, 1][:n], seed=k)]
             imgs = model.preprocess_image(b)
             p_, l_, s_, v_ = layout_of(imgs)
             compiled(imgs.tensor, (p_, l_, s_, v_), *model._ground_truth(b)[:3])
