@@ -11,9 +11,11 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 import fsaf_d2
 from fsaf_d2.config import validate_fsaf_config
 from fsaf_d2.engine import build_config
+from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+TOOLS = ["benchmark", "benchmark_data", "compile_report", "convert_mmdet", "demo", "export"]
 
 
 def test_import_registers_everything():
@@ -92,3 +94,15 @@ def test_import_without_detectron2_says_how_to_install():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
     assert "scripts/setup_env.sh" in proc.stderr and "sal-detectron2" in proc.stderr
+
+
+def test_tools_are_all_tested_here():
+    assert sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "tools", "[!_]*.py"))) == TOOLS
+
+
+@pytest.mark.parametrize("name", TOOLS)
+def test_every_tool_answers_help_from_another_directory(name, tmp_path):
+    """``python tools/<name>.py --help`` needs no particular working directory (configs are found next to tools/)."""
+    proc = subprocess.run(tool_command(name, "--help"), cwd=tmp_path, env=tool_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("usage: ")

@@ -104,7 +104,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.config_file) and any(spec.startswith("fsaf") for spec in args.models):
+        p.error(f"--config-file {args.config_file} does not exist (an installed fsaf_d2 has no configs/ folder)")
+    return args
 
 
 def _model_spec(spec: str) -> str:

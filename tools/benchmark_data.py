@@ -56,7 +56,10 @@ def parse_args(argv=None):
         help="the training config (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
     )
     p.add_argument("--out", default="", help="write the results as JSON here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.config_file):
+        p.error(f"--config-file {args.config_file} does not exist (an installed fsaf_d2 has no configs/ folder)")
+    return args
 
 
 def write_synthetic_coco(root: str, num_images: int, height: int, width: int, boxes: int, seed: int = 0) -> str:
