@@ -39,6 +39,11 @@ PIP=("$PY" -m pip --disable-pip-version-check -q)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$STAMP_VALUE" ] \
    && "$PY" -c "import torch, torchvision, detectron2, fsaf_d2" >/dev/null 2>&1; then
+  if ! "$PY" -c "import fsaf_d2.tools" >/dev/null 2>&1; then
+    # an editable install made before tools/ was mapped to fsaf_d2.tools: its console scripts are stale
+    log "re-installing fsaf_d2 in editable mode (console scripts of tools/)"
+    "${PIP[@]}" install --no-deps --no-build-isolation -e "$ROOT"
+  fi
   log "environment up to date ($VENV)"
   exit 0
 fi
