@@ -32,7 +32,7 @@ class Predictor:
             model: a built model, or None to build one on ``cfg.MODEL.DEVICE`` and load ``cfg.MODEL.WEIGHTS``.
         """
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-            raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r} is not supported by the demo; use 'RGB' or 'BGR'")
+            raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r} is not supported by Predictor; use 'RGB' or 'BGR'")
         if model is None:
             model = build_model(cfg)
             _load_weights(model, cfg.MODEL.WEIGHTS)
