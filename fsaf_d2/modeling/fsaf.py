@@ -17,7 +17,7 @@ from .box_coder import TBLRBoxCoder, tblr_decode
 from .frozen_bn import fold_frozen_batchnorm
 from .head import FSAFHead
 from .inference import merge_levels, select_level_candidates
-from .losses import fsaf_losses
+from .losses import FSAFLossSettings, fsaf_losses
 from .priors import PointPriors, point_prior_grid
 
 __all__ = ["FSAF", "pad_ground_truth", "choose_fixed_size"]
@@ -79,15 +79,7 @@ class FSAF(DenseDetector):
         num_classes: int,
         prior_offset: float = 0.0,
         box_coder: TBLRBoxCoder,
-        focal_loss_alpha: float = 0.25,
-        focal_loss_gamma: float = 2.0,
-        iou_loss_eps: float = 1e-6,
-        reg_clamp_min: float = 1e-4,
-        pos_scale: float = 0.2,
-        neg_scale: float = 0.2,
-        min_pos_iof: float = 0.01,
-        crowd_as_ignore: bool = False,
-        ignore_gt_scale: float = 0.5,
+        loss_settings: FSAFLossSettings = FSAFLossSettings(),
         loss_normalizer: str = "exact",
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
@@ -112,15 +104,7 @@ class FSAF(DenseDetector):
         # plain copies for the TorchScript inference path, which cannot use PointPriors / TBLRBoxCoder
         self.prior_offset = float(prior_offset)
         self.box_normalizer = float(box_coder.normalizer)
-        self.focal_loss_alpha = focal_loss_alpha
-        self.focal_loss_gamma = focal_loss_gamma
-        self.iou_loss_eps = iou_loss_eps
-        self.reg_clamp_min = reg_clamp_min
-        self.pos_scale = pos_scale
-        self.neg_scale = neg_scale
-        self.min_pos_iof = min_pos_iof
-        self.crowd_as_ignore = crowd_as_ignore
-        self.ignore_gt_scale = ignore_gt_scale
+        self.loss_settings = loss_settings
         if loss_normalizer not in ("exact", "ema"):
             raise ValueError(f"MODEL.FSAF.LOSS_NORMALIZER must be 'exact' or 'ema', got {loss_normalizer!r}")
         self.loss_normalizer = loss_normalizer
@@ -163,15 +147,7 @@ class FSAF(DenseDetector):
             "num_classes": f.NUM_CLASSES,
             "prior_offset": f.PRIOR_OFFSET,
             "box_coder": TBLRBoxCoder(f.BBOX_NORMALIZER),
-            "focal_loss_alpha": f.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": f.FOCAL_LOSS_GAMMA,
-            "iou_loss_eps": f.IOU_LOSS_EPS,
-            "reg_clamp_min": f.REG_CLAMP_MIN,
-            "pos_scale": f.POS_SCALE,
-            "neg_scale": f.NEG_SCALE,
-            "min_pos_iof": f.MIN_POS_IOF,
-            "crowd_as_ignore": f.CROWD_AS_IGNORE,
-            "ignore_gt_scale": f.IGNORE_GT_SCALE,
+            "loss_settings": FSAFLossSettings.from_config(cfg),
             "loss_normalizer": f.LOSS_NORMALIZER,
             "test_score_thresh": f.SCORE_THRESH_TEST,
             "test_topk_candidates": f.TOPK_CANDIDATES_TEST,
@@ -217,7 +193,7 @@ class FSAF(DenseDetector):
     def _ground_truth(self, batched_inputs: List[Dict[str, Tensor]]):
         """Padded ground truth, built on the host and sent to the device in one non-blocking copy each."""
         instances = [x["instances"].to("cpu") for x in batched_inputs]
-        tensors = pad_ground_truth(instances, self._gt_slots(instances), self.crowd_as_ignore)
+        tensors = pad_ground_truth(instances, self._gt_slots(instances), self.loss_settings.crowd_as_ignore)
         return [None if t is None else self._to_device_async(t) for t in tensors]
 
     def _to_device_async(self, t: Tensor) -> Tensor:
@@ -267,7 +243,7 @@ class FSAF(DenseDetector):
 
     def forward_training(self, images, features, predictions, gt_instances):
         """DenseDetector's training entry point, for callers that already hold device ``Instances``."""
-        gt = pad_ground_truth(gt_instances, self._gt_slots(gt_instances), self.crowd_as_ignore)
+        gt = pad_ground_truth(gt_instances, self._gt_slots(gt_instances), self.loss_settings.crowd_as_ignore)
         return self._total_losses(images, features, predictions, gt, gt_instances)
 
     def _total_losses(self, images, features, predictions, gt, gt_instances):
@@ -315,14 +291,7 @@ class FSAF(DenseDetector):
             gt_valid,
             gt_ignore=gt_ignore,
             box_coder=self.box_coder,
-            focal_alpha=self.focal_loss_alpha,
-            focal_gamma=self.focal_loss_gamma,
-            iou_eps=self.iou_loss_eps,
-            reg_clamp_min=self.reg_clamp_min,
-            pos_scale=self.pos_scale,
-            neg_scale=self.neg_scale,
-            min_pos_iof=self.min_pos_iof,
-            ignore_gt_scale=self.ignore_gt_scale,
+            settings=self.loss_settings,
             normalizer_fn=self._ema_normalizer if self.loss_normalizer == "ema" else None,
             return_details=return_details,
         )
