@@ -256,13 +256,11 @@ def compare_case(model, case):
     res["input max abs diff"] = (pre.tensor - case["batch"]).abs().max().item() if pre.tensor.shape == case["batch"].shape else math.inf
     res["input image sizes equal"] = [tuple(s) for s in pre.image_sizes] == [tuple(s) for s in case["image_sizes"]]
 
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
+    feats, (logits, deltas) = model.features_and_predictions(images.tensor)
     res["FPN features max abs diff"] = max((a - b).abs().max().item() for a, b in zip(feats, case["features"]))
     res["FPN features max rel diff"] = max(
         ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(feats, case["features"])
     )
-    logits, deltas = model.head(feats)
     res["cls logits max abs diff"] = max((a - b).abs().max().item() for a, b in zip(logits, case["cls_logits"]))
     res["reg (after ReLU) max abs diff"] = max((a - b).abs().max().item() for a, b in zip(deltas, case["bbox_reg"]))
 
@@ -515,9 +513,8 @@ def alt_detection_reports(fixture, converted, **changes):
     with torch.no_grad():
         for case in fixture["cases"]:
             images = ImageList(case["batch"], [tuple(s) for s in case["image_sizes"]])
-            feats = m.backbone(images.tensor)
-            feats = [feats[f] for f in m.head_in_features]
-            dets = m.forward_inference(images, feats, m.head(feats))
+            feats, predictions = m.features_and_predictions(images.tensor)
+            dets = m.forward_inference(images, feats, predictions)
             reports[case["name"]] = compare_detections(dets, case["detections_alt"], thresh, "alt")
     return reports
 
