@@ -242,8 +242,8 @@ class FSAF(DenseDetector):
         if self.anchor_based is None:
             return losses
         # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5
-        total = self.anchor_based.training_losses(
-            features, predictions[2], predictions[3], [x.to(self.device) for x in gt_instances]
+        total = self.anchor_based.forward_training(
+            images, features, predictions[2:], [x.to(self.device) for x in gt_instances]
         )
         total.update({k: self.af_loss_weight * v for k, v in losses.items()})
         return total
