@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 from detectron2.engine import HookBase
@@ -128,8 +128,9 @@ class ThroughputHook(HookBase):
 class DeviceMetricPrinter(CommonMetricPrinter):
     """Detectron2's console metric line, with device memory from the configured device type.
 
-    ``CommonMetricPrinter`` only reports ``torch.cuda.max_memory_allocated``; this printer asks the
-    device layer (CUDA or NPU; nothing on CPU) and adds the smoothed images/s when available.
+    ``CommonMetricPrinter.write`` only reports ``torch.cuda.max_memory_allocated``. This printer keeps that
+    ``write`` and appends to the line it logs the smoothed ``grad_norm`` and images/s when available, and
+    the peak memory of the device layer (CUDA or NPU; nothing on CPU) unless the line already has one.
 
     Args:
         max_iter: total iterations (for the ETA).
@@ -140,41 +141,36 @@ class DeviceMetricPrinter(CommonMetricPrinter):
     def __init__(self, max_iter: Optional[int], device_type: str, window_size: int = 20):
         super().__init__(max_iter, window_size=window_size)
         self.device_type = device_type
+        self.logger = _LineExtension(self.logger, self._extra_fields)
 
     def _median(self, storage, key):
         return storage.history(key).median(storage.count_samples(key, self._window_size))
 
-    def write(self):
+    def _extra_fields(self, line: str) -> List[str]:
         storage = get_event_storage()
-        iteration = storage.iter
-        if iteration == self._max_iter:
-            return  # training finished: nothing new to report
         histories = storage.histories()
         parts = []
-        eta = self._get_eta(storage)
-        if eta:
-            parts.append(f"eta: {eta}")
-        parts.append(f"iter: {iteration}")
-        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "loss" in k]
-        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "[metric]" in k]
         if "grad_norm" in histories:
             parts.append(f"grad_norm: {self._median(storage, 'grad_norm'):.4g}")
-        if "time" in histories:
-            parts.append(f"time: {histories['time'].global_avg():.4f}")
-            parts.append(f"last_time: {histories['time'].latest():.4f}")
-        if "data_time" in histories:
-            n = storage.count_samples("data_time", self._window_size)
-            parts.append(f"data_time: {histories['data_time'].avg(n):.4f}")
-            parts.append(f"last_data_time: {histories['data_time'].latest():.4f}")
         if THROUGHPUT_KEY in histories:
             parts.append(f"images/s: {self._median(storage, THROUGHPUT_KEY):.2f}")
-        lr = f"{histories['lr'].latest():.5g}" if "lr" in histories else "N/A"
-        parts.append(f"lr: {lr}")
-        mem = max_memory_allocated(self.device_type)
+        mem = None if "max_mem:" in line else max_memory_allocated(self.device_type)
         if mem is not None:
             # NOTE: "max_mem: <N>M" is the format Detectron2's tooling greps for
             parts.append(f"max_mem: {mem / 1024.0 / 1024.0:.0f}M")
-        self.logger.info(" " + "  ".join(parts))
+        return parts
+
+
+class _LineExtension(logging.LoggerAdapter):
+    """A logger that appends ``extra_fields(message)`` (a list of "key: value" strings) to each message."""
+
+    def __init__(self, logger: logging.Logger, extra_fields: Callable[[str], List[str]]):
+        super().__init__(logger, {})
+        self._extra_fields = extra_fields
+
+    def process(self, msg, kwargs):
+        msg = str(msg)
+        return "  ".join([msg.rstrip()] + self._extra_fields(msg)), kwargs
 
 
 def segment_seed(seed: int, segment: int) -> int:
