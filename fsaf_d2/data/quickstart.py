@@ -35,6 +35,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..utils.io import atomic_write_bytes
+
 __all__ = [
     "QUICKSTART_CLASSES",
     "DEFAULT_NUM_TRAIN",
@@ -79,14 +81,6 @@ def quickstart_paths(root: str) -> Dict[str, Dict[str, str]]:
         }
         for split in _SPLIT_CODES
     }
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (safe for concurrent writers)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -334,7 +328,7 @@ def generate_split(root: str, split: str, num_images: int, seed: int = DEFAULT_S
     for index in range(1, num_images + 1):
         image, objects = generate_image(_image_rng(seed, split, index))
         file_name = f"{index:06d}.jpg"
-        _atomic_write(os.path.join(paths["image_root"], file_name), _encode_jpeg(image))
+        atomic_write_bytes(os.path.join(paths["image_root"], file_name), _encode_jpeg(image), durable=False)
         height, width = image.shape[:2]
         images.append({"id": index, "file_name": file_name, "width": width, "height": height})
         for obj in objects:
@@ -366,7 +360,7 @@ def generate_split(root: str, split: str, num_images: int, seed: int = DEFAULT_S
             {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(QUICKSTART_CLASSES)
         ],
     }
-    _atomic_write(paths["json_file"], json.dumps(coco, separators=(",", ":")).encode("utf-8"))
+    atomic_write_bytes(paths["json_file"], json.dumps(coco, separators=(",", ":")).encode("utf-8"), durable=False)
     return coco
 
 

@@ -3,7 +3,8 @@
 Import order matters only for NPU: nothing here imports ``torch_npu`` until a device string asks for
 "npu" (see :mod:`fsaf_d2.engine.device`).
 """
-from .checkpoint import AtomicCheckpointer, atomic_torch_save
+from ..utils.io import atomic_torch_save
+from .checkpoint import AtomicCheckpointer
 from .comm import create_ddp_model, patch_detectron2, unpatch_detectron2
 from .device import (
     DeviceError,

@@ -21,7 +21,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
-from .checkpoint import atomic_write_bytes
+from ..utils.io import atomic_write_bytes
 from .device import manual_seed_all, max_memory_allocated, synchronize
 
 __all__ = [
