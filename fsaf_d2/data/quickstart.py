@@ -43,6 +43,9 @@ __all__ = [
     "DEFAULT_NUM_VAL",
     "DEFAULT_SEED",
     "quickstart_paths",
+    "default_quickstart_root",
+    "quickstart_exists",
+    "generate_command",
     "generate_image",
     "generate_split",
     "generate_quickstart",
@@ -81,6 +84,34 @@ def quickstart_paths(root: str) -> Dict[str, Dict[str, str]]:
         }
         for split in _SPLIT_CODES
     }
+
+
+def default_quickstart_root() -> str:
+    """The quickstart root selected by the environment; not made absolute. In this order of precedence:
+
+    1. ``$FSAF_D2_DATASETS`` (the quickstart root itself),
+    2. ``$DETECTRON2_DATASETS/fsaf_quickstart``,
+    3. ``datasets/fsaf_quickstart``, relative to the current directory at load time (as Detectron2's builtins).
+    """
+    own = os.environ.get("FSAF_D2_DATASETS", "")
+    if own:
+        return os.path.expanduser(own)
+    d2 = os.environ.get("DETECTRON2_DATASETS", "")
+    if d2:
+        return os.path.join(os.path.expanduser(d2), "fsaf_quickstart")
+    return os.path.join("datasets", "fsaf_quickstart")
+
+
+def generate_command(root: str) -> str:
+    """The shell command that generates the quickstart dataset under ``root``."""
+    return f"python -m fsaf_d2.data.quickstart --root {root}"
+
+
+def quickstart_exists(root: str) -> bool:
+    """Whether both splits under ``root`` are complete (each json is written last, after its images)."""
+    return all(
+        os.path.isfile(p["json_file"]) and os.path.isdir(p["image_root"]) for p in quickstart_paths(root).values()
+    )
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -505,12 +536,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_argument_parser().parse_args(argv)
     root = args.root
     if root is None:
-        from .datasets import default_quickstart_root
-
         root = default_quickstart_root()
     if args.if_missing:
-        from .datasets import quickstart_exists
-
         if quickstart_exists(root):
             print(f"The fsaf_d2 quickstart dataset is already complete in {os.path.abspath(root)}")
             return {}
