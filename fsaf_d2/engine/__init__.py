@@ -18,7 +18,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .launch import launch
 from .train_loop import DeviceTrainer, build_grad_scaler
-from .trainer import Trainer, build_config, device_from_args, pre_launch, prepare_worker, setup
+from .trainer import Trainer, build_config, pre_launch, prepare_worker, setup
 
 __all__ = [
     "AtomicCheckpointer",
@@ -33,7 +33,6 @@ __all__ = [
     "build_config",
     "build_grad_scaler",
     "create_ddp_model",
-    "device_from_args",
     "dist_backend",
     "get_device_api",
     "import_torch_npu",

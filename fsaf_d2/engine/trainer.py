@@ -48,7 +48,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
-__all__ = ["Trainer", "build_config", "device_from_args", "pre_launch", "setup", "prepare_worker"]
+__all__ = ["Trainer", "build_config", "pre_launch", "setup", "prepare_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +67,6 @@ def build_config(args, freeze: bool = True):
     if freeze:
         cfg.freeze()
     return cfg
-
-
-def device_from_args(args) -> str:
-    """``MODEL.DEVICE`` of the config described by ``args`` (read before launching workers)."""
-    return build_config(args, freeze=False).MODEL.DEVICE
 
 
 def pre_launch(args) -> str:
