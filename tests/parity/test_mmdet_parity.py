@@ -28,7 +28,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # pytest does this; run as a script (main()) it is needed
+from helpers import make_cfg  # noqa: E402
 from mmdet_fixture import FIXTURE, load_fixture, mmdet_checkpoint, mmdet_state_dict  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,49 +47,38 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(FIXTURE), reason=f"parity fix
 
 # ---------------------------------------------------------------------------------------------- helpers
 def fsaf_cfg(fixture, **overrides):
-    """fsaf_d2 config matching the fixture's mmdet model (FSAF_SPEC section 12.2)."""
-    from detectron2.config import get_cfg
-
-    import fsaf_d2
-
+    """fsaf_d2 config matching the fixture's mmdet model (FSAF_SPEC section 12.2); ``overrides`` {"A.B": value}."""
     m = fixture["model"]
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-FSAF.yaml"))
-    cfg.MODEL.META_ARCHITECTURE = "FSAF"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = m["depth"]
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
-    cfg.MODEL.FPN.OUT_CHANNELS = m["fpn_channels"]
-    cfg.MODEL.FSAF.NUM_CLASSES = m["num_classes"]
-    cfg.MODEL.FSAF.TOP_BLOCK_P7_RELU = False
-    cfg.MODEL.FSAF.POS_SCALE = m["train_cfg"]["pos_scale"]
-    cfg.MODEL.FSAF.NEG_SCALE = m["train_cfg"]["neg_scale"]
-    cfg.MODEL.FSAF.MIN_POS_IOF = m["train_cfg"]["min_pos_iof"]
-    cfg.MODEL.FSAF.LOSS_NORMALIZER = "exact"
-    cfg.MODEL.FSAF.CROWD_AS_IGNORE = False
-    cfg.MODEL.FSAF.TOPK_RULE = "pairs"  # mmdet >= 2.18
-    cfg.MODEL.PIXEL_MEAN = list(m["pixel_mean"])
-    cfg.MODEL.PIXEL_STD = list(m["pixel_std"])
-    cfg.INPUT.FORMAT = "RGB"
     test = m["test_cfg"]
-    cfg.MODEL.FSAF.SCORE_THRESH_TEST = test["score_thr"]
-    cfg.MODEL.FSAF.TOPK_CANDIDATES_TEST = test["nms_pre"]
-    cfg.MODEL.FSAF.NMS_THRESH_TEST = test["nms_iou"]
-    cfg.TEST.DETECTIONS_PER_IMAGE = test["max_per_img"]
-    # the reference's NCHW convolutions: same accumulation order, so detections match one to one; the
-    # default channels_last layout is compared in test_channels_last_layout_stays_within_rounding
-    cfg.MODEL.FSAF.MEMORY_FORMAT = "contiguous"
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
+    opts = [
+        "MODEL.META_ARCHITECTURE", "FSAF",
+        "MODEL.DEVICE", "cpu",
+        "MODEL.WEIGHTS", "",
+        "MODEL.RESNETS.DEPTH", m["depth"],
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.RESNETS.STRIDE_IN_1X1", False,
+        "MODEL.RESNETS.NORM", "FrozenBN",
+        "MODEL.FPN.OUT_CHANNELS", m["fpn_channels"],
+        "MODEL.FSAF.NUM_CLASSES", m["num_classes"],
+        "MODEL.FSAF.TOP_BLOCK_P7_RELU", False,
+        "MODEL.FSAF.POS_SCALE", m["train_cfg"]["pos_scale"],
+        "MODEL.FSAF.NEG_SCALE", m["train_cfg"]["neg_scale"],
+        "MODEL.FSAF.MIN_POS_IOF", m["train_cfg"]["min_pos_iof"],
+        "MODEL.FSAF.LOSS_NORMALIZER", "exact",
+        "MODEL.FSAF.CROWD_AS_IGNORE", False,
+        "MODEL.FSAF.TOPK_RULE", "pairs",  # mmdet >= 2.18
+        "MODEL.PIXEL_MEAN", list(m["pixel_mean"]),
+        "MODEL.PIXEL_STD", list(m["pixel_std"]),
+        "INPUT.FORMAT", "RGB",
+        "MODEL.FSAF.SCORE_THRESH_TEST", test["score_thr"],
+        "MODEL.FSAF.TOPK_CANDIDATES_TEST", test["nms_pre"],
+        "MODEL.FSAF.NMS_THRESH_TEST", test["nms_iou"],
+        "TEST.DETECTIONS_PER_IMAGE", test["max_per_img"],
+        # the reference's NCHW convolutions: same accumulation order, so detections match one to one; the
+        # default channels_last layout is compared in test_channels_last_layout_stays_within_rounding
+        "MODEL.FSAF.MEMORY_FORMAT", "contiguous",
+    ]
+    return make_cfg("configs/Base-FSAF.yaml", opts, **overrides)
 
 
 def load_converted(model, path):
