@@ -95,9 +95,8 @@ class HeadOutputsAdapter(nn.Module):
         if self.size_check is not None:
             image = self.size_check(image)
         images = self.model.preprocess_image([{"image": image}])
-        features = self.model.backbone(images.tensor)
-        features = [features[f] for f in self.model.head_in_features]
-        return tuple(x for per_level in self.model.head(features) for x in per_level)
+        _, predictions = self.model.features_and_predictions(images.tensor)
+        return tuple(x for per_level in predictions for x in per_level)
 
     def output_names(self) -> List[str]:
         kinds = ["cls_logits", "bbox_tblr"]

@@ -39,7 +39,15 @@ run_train_net() {
   fi
 }
 
-# print_summary OUTPUT_DIR PYTHON_SLICE: the run's FPS / AP summary (fsaf_d2.engine.hooks)
+# print_summary OUTPUT_DIR [fps|ap|all] [--prefer-log]: the run's FPS / AP summary
+# (python -m fsaf_d2.engine.summary), or only its FPS or its AP line
 print_summary() {
-  "$PYTHON" -W ignore -c "import sys; from fsaf_d2.engine.hooks import format_summary, summarize_run; print(format_summary(summarize_run(sys.argv[1], prefer_log=sys.argv[2] == '1'))$2)" "$1" "${3:-0}"
+  local output_dir="$1" only="${2:-all}" text
+  shift $(($# < 2 ? $# : 2))
+  text="$("$PYTHON" -W ignore -m fsaf_d2.engine.summary "$output_dir" "$@")" || return
+  case "$only" in
+    fps) head -n 1 <<<"$text" ;;
+    ap) tail -n 1 <<<"$text" ;;
+    *) printf '%s\n' "$text" ;;
+  esac
 }

@@ -20,4 +20,4 @@ echo "[train_eval] device=$DEVICE x $NUM_DEVICES, weights=$WEIGHTS, output=$OUTP
 run_train_net --eval-only --config-file "$CONFIG" "${OPTS[@]}" "$@"
 
 echo "[train_eval] ------------------------------------------------------------ summary"
-print_summary "$OUTPUT_DIR" ".splitlines()[-1]" 1
+print_summary "$OUTPUT_DIR" ap --prefer-log

@@ -39,4 +39,4 @@ echo "[train_full] device=$DEVICE x $NUM_DEVICES (nodes $NNODES), config=$CONFIG
 run_train_net --config-file "$CONFIG" "${OPTS[@]}" "$@"
 
 echo "[train_full] ------------------------------------------------------------ summary"
-print_summary "$OUTPUT_DIR" ""
+print_summary "$OUTPUT_DIR"

@@ -38,4 +38,4 @@ echo "[train_performance] device=$DEVICE x $NUM_DEVICES (nodes $NNODES), $PERF_I
 run_train_net --config-file "$CONFIG" "${OPTS[@]}" "$@"
 
 echo "[train_performance] ----------------------------------------------------- summary"
-print_summary "$OUTPUT_DIR" ".splitlines()[0]"
+print_summary "$OUTPUT_DIR" fps

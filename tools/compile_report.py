@@ -54,29 +54,27 @@ def main():
         torch.manual_seed(0)
         model = build_model(build_config(args.config_file, TINY_OPTS + opts)).train()
         images = model.preprocess_image(batch)
-        gt = model._ground_truth(batch)[:3]
-        feats = model.backbone(images.tensor)
-        feats = [feats[f] for f in model.head_in_features]
+        gt = model.padded_ground_truth([x["instances"] for x in batch])[:3]
+        feats, head_outputs = model.features_and_predictions(images.tensor)
         priors, level, sizes, valid = model.prior_layout(images, feats)
 
         def loss_from_head(logits, deltas, boxes, labels, gt_valid, layout=(priors, level, sizes, valid)):
             p, lv, sz, va = layout
-            out = fsaf_losses(logits, deltas, p, sz, lv, va, boxes, labels, gt_valid, box_coder=model.box_coder)
+            out = fsaf_losses(logits, deltas, p, sz, lv, va, boxes, labels, gt_valid, box_coder=model.box_coder,
+                              settings=model.loss_settings)
             return out["loss_fsaf_cls"] + out["loss_fsaf_reg"]
 
         def step_from_images(image_tensor, layout, boxes, labels, gt_valid):
             """Priors, level ids and the valid-prior mask are inputs: they depend on Python sizes that stay
             outside the graph (in training they come from the cached PointPriors)."""
-            f = model.backbone(image_tensor)
-            f = [f[k] for k in model.head_in_features]
-            logits, deltas = model._transpose_dense_predictions(model.head(f), [model.num_classes, 4])
+            _, outputs = model.features_and_predictions(image_tensor)
+            logits, deltas = model._transpose_dense_predictions(outputs[:2], [model.num_classes, 4])
             return loss_from_head(torch.cat(logits, 1), torch.cat(deltas, 1), boxes, labels, gt_valid, layout)
 
         def layout_of(images):
-            f = model.backbone(images.tensor)
-            return model.prior_layout(images, [f[k] for k in model.head_in_features])
+            return model.prior_layout(images, model.features_and_predictions(images.tensor)[0])
 
-        logits, deltas = model._transpose_dense_predictions(model.head(feats), [model.num_classes, 4])
+        logits, deltas = model._transpose_dense_predictions(head_outputs[:2], [model.num_classes, 4])
         report(f"{mode}: assignment + selection + losses", loss_from_head,
                torch.cat(logits, 1).detach(), torch.cat(deltas, 1).detach(), *gt)
         report(f"{mode}: backbone + head + losses", step_from_images, images.tensor, (priors, level, sizes, valid), *gt)
@@ -91,7 +89,7 @@ def main():
             b = [training_input(h + dh, w + dw, boxes[:n], [0, 2, 1][:n], seed=k)]
             imgs = model.preprocess_image(b)
             p_, l_, s_, v_ = layout_of(imgs)
-            compiled(imgs.tensor, (p_, l_, s_, v_), *model._ground_truth(b)[:3])
+            compiled(imgs.tensor, (p_, l_, s_, v_), *model.padded_ground_truth([x["instances"] for x in b])[:3])
         print(f"{mode}: graphs compiled for 3 batches of different sizes / object counts: "
               f"{counters['stats']['unique_graphs']}")
         torch._dynamo.reset()

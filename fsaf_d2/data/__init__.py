@@ -19,14 +19,17 @@ from .checks import (  # noqa: F401
 )
 from .datasets import (  # noqa: F401
     QUICKSTART_DATASETS,
-    default_quickstart_root,
     ensure_quickstart,
-    ensure_quickstart_for_config,
     register_quickstart,
     registered_quickstart_root,
 )
 from .mapper import FSAFDatasetMapper  # noqa: F401
-from .quickstart import QUICKSTART_CLASSES, dataset_statistics, generate_quickstart  # noqa: F401
+from .quickstart import (  # noqa: F401
+    QUICKSTART_CLASSES,
+    dataset_statistics,
+    default_quickstart_root,
+    generate_quickstart,
+)
 from .transforms import CV2Resize, CV2ResizeTransform  # noqa: F401
 
 register_quickstart()

@@ -22,6 +22,8 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from ..utils.io import is_local
+
 __all__ = [
     "DatasetNotRegisteredError",
     "ImageReadError",
@@ -72,10 +74,6 @@ def check_dataset_registered(name: str, cfg_key: str = "DATASETS.TRAIN") -> None
 
 
 # --------------------------------------------------------------------------------------------- files
-def _is_local(path) -> bool:
-    return isinstance(path, (str, os.PathLike)) and "://" not in os.fspath(path)
-
-
 def _coco_layout_hint(name: str) -> str:
     d2 = os.environ.get("DETECTRON2_DATASETS")
     where = (
@@ -97,7 +95,8 @@ def _coco_layout_hint(name: str) -> str:
 
 def _missing_file_hint(name: str) -> str:
     if name.startswith("fsaf_quickstart"):
-        from .datasets import generate_command, registered_quickstart_root
+        from .datasets import registered_quickstart_root
+        from .quickstart import generate_command
 
         root = registered_quickstart_root() or "datasets/fsaf_quickstart"
         return f"Generate the quickstart dataset with:\n    {generate_command(root)}"
@@ -118,7 +117,7 @@ def check_dataset_files(name: str) -> None:
         ("image_root", "image directory", os.path.isdir),
     ):
         path = meta.get(key, None)
-        if path is None or not _is_local(path) or exists(path):
+        if path is None or not is_local(path) or exists(path):
             continue
         raise FileNotFoundError(
             f"The {what} of dataset '{name}' does not exist: '{path}' (metadata '{key}'; "

@@ -2,11 +2,8 @@
 
 Both are registered with Detectron2's standard :func:`register_coco_instances` when :mod:`fsaf_d2.data` is
 imported. Registration is lazy, like Detectron2's builtin datasets: nothing is read until the dataset is
-loaded, and the files need not exist. The root directory is, in this order of precedence:
-
-1. ``$FSAF_D2_DATASETS`` (the quickstart root itself),
-2. ``$DETECTRON2_DATASETS/fsaf_quickstart``,
-3. ``datasets/fsaf_quickstart``, relative to the current directory at load time (as Detectron2's builtins).
+loaded, and the files need not exist. The root directory is, unless given, the one
+:func:`~fsaf_d2.data.quickstart.default_quickstart_root` selects from the environment.
 
 Loading a quickstart dataset whose files are missing raises ``FileNotFoundError`` with the command that
 generates them; :func:`ensure_quickstart` generates them when missing.
@@ -24,19 +21,18 @@ from .quickstart import (
     DEFAULT_NUM_VAL,
     DEFAULT_SEED,
     QUICKSTART_CLASSES,
+    default_quickstart_root,
+    generate_command,
     generate_quickstart,
+    quickstart_exists,
     quickstart_paths,
 )
 
 __all__ = [
     "QUICKSTART_DATASETS",
-    "default_quickstart_root",
     "registered_quickstart_root",
     "register_quickstart",
-    "quickstart_exists",
     "ensure_quickstart",
-    "ensure_quickstart_for_config",
-    "generate_command",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,32 +42,9 @@ QUICKSTART_DATASETS = {"fsaf_quickstart_train": "train", "fsaf_quickstart_val": 
 _registered_root: Optional[str] = None
 
 
-def default_quickstart_root() -> str:
-    """The quickstart root selected by the environment (see the module docstring); not made absolute."""
-    own = os.environ.get("FSAF_D2_DATASETS", "")
-    if own:
-        return os.path.expanduser(own)
-    d2 = os.environ.get("DETECTRON2_DATASETS", "")
-    if d2:
-        return os.path.join(os.path.expanduser(d2), "fsaf_quickstart")
-    return os.path.join("datasets", "fsaf_quickstart")
-
-
 def registered_quickstart_root() -> Optional[str]:
     """The root the quickstart names currently point to (None before :func:`register_quickstart`)."""
     return _registered_root
-
-
-def generate_command(root: str) -> str:
-    """The shell command that generates the quickstart dataset under ``root``."""
-    return f"python -m fsaf_d2.data.quickstart --root {root}"
-
-
-def quickstart_exists(root: str) -> bool:
-    """Whether both splits under ``root`` are complete (each json is written last, after its images)."""
-    return all(
-        os.path.isfile(p["json_file"]) and os.path.isdir(p["image_root"]) for p in quickstart_paths(root).values()
-    )
 
 
 def _checked_loader(name: str, root: str, load):
@@ -153,15 +126,3 @@ def ensure_quickstart(
     if root != _registered_root:
         register_quickstart(root)
     return root
-
-
-def ensure_quickstart_for_config(cfg, **kwargs) -> Optional[str]:
-    """Call :func:`ensure_quickstart` if ``cfg.DATASETS.TRAIN`` or ``TEST`` names a quickstart dataset.
-
-    For training scripts: the quickstart data is generated on first use. Returns the root, or None if the
-    config does not use the quickstart datasets. ``kwargs`` go to :func:`ensure_quickstart`.
-    """
-    names = list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
-    if not any(n in QUICKSTART_DATASETS for n in names):
-        return None
-    return ensure_quickstart(**kwargs)

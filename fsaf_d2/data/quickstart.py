@@ -35,12 +35,17 @@ from typing import Dict, List, Optional
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..utils.io import atomic_write_bytes
+
 __all__ = [
     "QUICKSTART_CLASSES",
     "DEFAULT_NUM_TRAIN",
     "DEFAULT_NUM_VAL",
     "DEFAULT_SEED",
     "quickstart_paths",
+    "default_quickstart_root",
+    "quickstart_exists",
+    "generate_command",
     "generate_image",
     "generate_split",
     "generate_quickstart",
@@ -81,12 +86,32 @@ def quickstart_paths(root: str) -> Dict[str, Dict[str, str]]:
     }
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (safe for concurrent writers)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+def default_quickstart_root() -> str:
+    """The quickstart root selected by the environment; not made absolute. In this order of precedence:
+
+    1. ``$FSAF_D2_DATASETS`` (the quickstart root itself),
+    2. ``$DETECTRON2_DATASETS/fsaf_quickstart``,
+    3. ``datasets/fsaf_quickstart``, relative to the current directory at load time (as Detectron2's builtins).
+    """
+    own = os.environ.get("FSAF_D2_DATASETS", "")
+    if own:
+        return os.path.expanduser(own)
+    d2 = os.environ.get("DETECTRON2_DATASETS", "")
+    if d2:
+        return os.path.join(os.path.expanduser(d2), "fsaf_quickstart")
+    return os.path.join("datasets", "fsaf_quickstart")
+
+
+def generate_command(root: str) -> str:
+    """The shell command that generates the quickstart dataset under ``root``."""
+    return f"python -m fsaf_d2.data.quickstart --root {root}"
+
+
+def quickstart_exists(root: str) -> bool:
+    """Whether both splits under ``root`` are complete (each json is written last, after its images)."""
+    return all(
+        os.path.isfile(p["json_file"]) and os.path.isdir(p["image_root"]) for p in quickstart_paths(root).values()
+    )
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -334,7 +359,7 @@ def generate_split(root: str, split: str, num_images: int, seed: int = DEFAULT_S
     for index in range(1, num_images + 1):
         image, objects = generate_image(_image_rng(seed, split, index))
         file_name = f"{index:06d}.jpg"
-        _atomic_write(os.path.join(paths["image_root"], file_name), _encode_jpeg(image))
+        atomic_write_bytes(os.path.join(paths["image_root"], file_name), _encode_jpeg(image), durable=False)
         height, width = image.shape[:2]
         images.append({"id": index, "file_name": file_name, "width": width, "height": height})
         for obj in objects:
@@ -366,7 +391,7 @@ def generate_split(root: str, split: str, num_images: int, seed: int = DEFAULT_S
             {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(QUICKSTART_CLASSES)
         ],
     }
-    _atomic_write(paths["json_file"], json.dumps(coco, separators=(",", ":")).encode("utf-8"))
+    atomic_write_bytes(paths["json_file"], json.dumps(coco, separators=(",", ":")).encode("utf-8"), durable=False)
     return coco
 
 
@@ -511,12 +536,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
     args = build_argument_parser().parse_args(argv)
     root = args.root
     if root is None:
-        from .datasets import default_quickstart_root
-
         root = default_quickstart_root()
     if args.if_missing:
-        from .datasets import quickstart_exists
-
         if quickstart_exists(root):
             print(f"The fsaf_d2 quickstart dataset is already complete in {os.path.abspath(root)}")
             return {}

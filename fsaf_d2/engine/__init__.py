@@ -3,7 +3,8 @@
 Import order matters only for NPU: nothing here imports ``torch_npu`` until a device string asks for
 "npu" (see :mod:`fsaf_d2.engine.device`).
 """
-from .checkpoint import AtomicCheckpointer, atomic_torch_save
+from ..utils.io import atomic_torch_save
+from .checkpoint import AtomicCheckpointer
 from .comm import create_ddp_model, patch_detectron2, unpatch_detectron2
 from .config import add_engine_config, apply_device_rules, build_config
 from .device import (
@@ -18,7 +19,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .launch import launch
 from .train_loop import DeviceTrainer, build_grad_scaler
-from .trainer import Trainer, config_from_args, device_from_args, pre_launch, prepare_worker, setup
+from .trainer import Trainer, config_from_args, pre_launch, prepare_worker, setup
 
 __all__ = [
     "AtomicCheckpointer",
@@ -36,7 +37,6 @@ __all__ = [
     "build_grad_scaler",
     "config_from_args",
     "create_ddp_model",
-    "device_from_args",
     "dist_backend",
     "get_device_api",
     "import_torch_npu",

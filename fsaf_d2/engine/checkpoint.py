@@ -2,85 +2,36 @@
 
 fvcore's ``Checkpointer.save`` writes ``model_XXXXXXX.pth`` and then ``last_checkpoint`` in place: a
 crash (OOM kill, preemption, full disk) in the middle leaves a truncated file that ``--resume`` then
-fails to load, or a ``last_checkpoint`` pointing at one. :class:`AtomicCheckpointer` writes both to a
-temporary file in the same directory, fsyncs it and renames it over the target with ``os.replace``
-(atomic on POSIX), so readers see either the old or the new complete file.
+fails to load, or a ``last_checkpoint`` pointing at one. :class:`AtomicCheckpointer` writes both with
+:func:`fsaf_d2.utils.io.atomic_write` (temporary file, fsync, ``os.replace``), so readers see either the
+old or the new complete file.
 
 It also loads trusted checkpoints with ``weights_only=False`` (torch >= 2.6 defaults to
 ``weights_only=True``, which rejects the non-tensor entries of Detectron2 checkpoints).
 """
 import os
-import tempfile
 from typing import Any, Dict
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from detectron2.checkpoint import DetectionCheckpointer
 
-__all__ = ["atomic_write_bytes", "atomic_torch_save", "AtomicCheckpointer", "ModelRunningScalars"]
+from ..utils.io import atomic_torch_save, atomic_write_bytes, is_local
 
-
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-    """Call ``write_fn(file)`` on a temp file next to ``path``, then atomically rename it to ``path``.
-
-    The temp file is named ``.<basename>.<random>.tmp`` (not ``*.pth``, so it is never listed as a
-    checkpoint) and removed if ``write_fn`` raises.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see :func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: f.write(data))
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
+__all__ = ["AtomicCheckpointer", "ModelRunningScalars"]
 
 
 class AtomicCheckpointer(DetectionCheckpointer):
     """``DetectionCheckpointer`` whose ``save`` and ``last_checkpoint`` tagging are atomic.
 
-    Remote save directories (``scheme://`` other than ``file://``) fall back to Detectron2's writer.
+    Save directories that are not plain paths (``scheme://``, see :func:`~fsaf_d2.utils.io.is_local`) fall
+    back to Detectron2's writer.
     """
 
     def save(self, name: str, **kwargs: Any) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        if not _is_local(self.save_dir):
+        if not is_local(self.save_dir):
             return super().save(name, **kwargs)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
@@ -93,7 +44,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
-        if not _is_local(self.save_dir):
+        if not is_local(self.save_dir):
             return super().tag_last_checkpoint(last_filename_basename)
         atomic_write_bytes(os.path.join(self.save_dir, "last_checkpoint"), last_filename_basename.encode())
 

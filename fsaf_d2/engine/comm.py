@@ -1,25 +1,28 @@
-"""Collectives that work under gloo, NCCL and HCCL, plus the DDP wrapper.
+"""Detectron2's object collectives under HCCL, process-group teardown, and the DDP wrapper.
 
 Detectron2's evaluators and ``SimpleTrainer.write_metrics`` call ``detectron2.utils.comm.all_gather`` /
-``gather`` on picklable objects. Stock Detectron2 creates a gloo side group only when the backend is
-"nccl" and otherwise runs the object collectives on the default group; under HCCL that means
-``gather``, which ProcessGroupHCCL does not implement ("ProcessGroupHCCL does not support gather"),
-so ``COCOEvaluator`` crashes.
+``gather`` on picklable objects, on the group ``comm._get_global_gloo_group()`` returns: a gloo side group
+when the backend is NCCL, the default group otherwise. Under gloo and NCCL that works as it is, and this
+module changes nothing there. Under HCCL the default group is ProcessGroupHCCL, which implements
+``all_gather`` but not ``gather`` ("ProcessGroupHCCL does not support gather"), so ``COCOEvaluator``
+crashes.
 
-:func:`patch_detectron2` (idempotent) swaps in the functions of this module:
+:func:`patch_detectron2` (idempotent; a no-op for every backend that implements ``gather``) therefore
+replaces two functions of ``detectron2.utils.comm``, and nothing else, under HCCL only:
 
-* object collectives run on a **gloo side group** whenever the default backend is not gloo;
-* if that group cannot be created (gloo missing, or disabled with ``FSAF_D2_GLOO_SIDE_GROUP=0`` for
-  clusters whose gloo networking is broken), objects are pickled into uint8 tensors and exchanged with
-  ``all_gather`` on the default (device) group;
-* under HCCL (any backend other than gloo / nccl / mpi), ``gather`` is an ``all_gather`` whose result
-  is kept on ``dst`` only, so no ``gather`` call ever reaches the backend.
+* ``_get_global_gloo_group`` returns a **gloo side group** under HCCL too, as Detectron2 does for NCCL;
+  Detectron2's own ``all_gather`` and ``gather`` then run on it unchanged;
+* ``gather`` falls back to an ``all_gather`` kept on ``dst`` when no gloo group can be used (gloo missing,
+  or disabled with ``FSAF_D2_GLOO_SIDE_GROUP=0`` for clusters whose gloo networking is broken): objects
+  then travel pickled in uint8 device tensors, and no ``gather`` ever reaches HCCL.
+
+These two (:data:`_D2_PATCHED`) and the two references :func:`_forget_detectron2_groups` drops at
+teardown are the only Detectron2 internals this package touches.
 """
 import gc
 import logging
 import os
 import pickle
-import sys
 from typing import Any, List, Optional
 
 import torch
@@ -27,14 +30,14 @@ import torch.distributed as dist
 from detectron2.utils import comm as d2_comm
 from torch.nn.parallel import DistributedDataParallel
 
-from .device import current_device, is_accelerator
+from .device import current_device, dist_backend, is_accelerator
 
 __all__ = [
     "release_process_groups",
     "patch_detectron2",
     "unpatch_detectron2",
     "is_patched",
-    "all_gather",
+    "needs_patch",
     "gather",
     "get_object_group",
     "create_ddp_model",
@@ -43,13 +46,20 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Backends whose ProcessGroup implements ``gather``.
+# Backends whose ProcessGroup implements ``gather``: Detectron2's collectives work there as they are.
 _GATHER_BACKENDS = ("gloo", "nccl", "mpi")
-_PATCHED_NAMES = ("all_gather", "gather", "_get_global_gloo_group")
+#: the attributes of ``detectron2.utils.comm`` that :func:`patch_detectron2` replaces (HCCL only)
+_D2_PATCHED = ("_get_global_gloo_group", "gather")
 
 _state = {"device_type": None, "originals": None}
 # (default process group, object group or None) of the current process group generation
 _group_cache: dict = {}
+
+
+def needs_patch(device_type: str) -> bool:
+    """Whether Detectron2's object collectives need :func:`patch_detectron2` on ``device_type``'s backend
+    (True for npu / HCCL, which has no ``gather``; False for cpu / gloo and cuda / NCCL)."""
+    return dist_backend(device_type) not in _GATHER_BACKENDS
 
 
 def _default_group():
@@ -57,21 +67,19 @@ def _default_group():
 
 
 def get_object_group():
-    """Process group for object (pickle) collectives, created once per process-group lifetime.
+    """The process group of object (pickle) collectives under HCCL, created once per process-group lifetime.
 
     Returns:
-        the default group when its backend is gloo; otherwise a gloo side group over all ranks; or None
-        when no gloo group can be used (then callers exchange objects as device tensors).
+        a gloo side group over all ranks; or the default group when no gloo group can be used (then
+        :func:`gather` exchanges objects as device tensors through ``all_gather``).
     """
     default = _default_group()
     if _group_cache.get("default") is default:
         return _group_cache["group"]
     backend = dist.get_backend()
-    if backend == "gloo":
-        group = dist.group.WORLD
-    elif os.environ.get("FSAF_D2_GLOO_SIDE_GROUP", "1") == "0":
+    if os.environ.get("FSAF_D2_GLOO_SIDE_GROUP", "1") == "0":
         logger.info(f"FSAF_D2_GLOO_SIDE_GROUP=0: object collectives run on the {backend} group")
-        group = None
+        group = dist.group.WORLD
     else:
         try:
             group = dist.new_group(backend="gloo")
@@ -80,9 +88,17 @@ def get_object_group():
                 f"Cannot create a gloo side group ({e!r}); object collectives fall back to all_gather on the "
                 f"{backend} group"
             )
-            group = None
+            group = dist.group.WORLD
     _group_cache.update(default=default, group=group)
     return group
+
+
+def _forget_detectron2_groups() -> None:
+    """Drop the process groups Detectron2's comm module holds (it has no public reset for them): the
+    per-machine group of ``create_local_process_group`` and the cached ``_get_global_gloo_group`` result."""
+    d2_comm._LOCAL_PROCESS_GROUP = None
+    originals = _state["originals"] or {}
+    originals.get("_get_global_gloo_group", d2_comm._get_global_gloo_group).cache_clear()
 
 
 def release_process_groups() -> None:
@@ -90,11 +106,7 @@ def release_process_groups() -> None:
     group) and destroy all process groups. Dangling group objects destroyed at interpreter exit can abort
     the process ("terminate called without an active exception") while gloo threads are still alive."""
     _group_cache.clear()
-    d2_comm._LOCAL_PROCESS_GROUP = None
-    originals = _state["originals"][0] if _state["originals"] is not None else {}
-    for fn in (originals.get("_get_global_gloo_group"), getattr(d2_comm, "_get_global_gloo_group", None)):
-        if hasattr(fn, "cache_clear"):
-            fn.cache_clear()
+    _forget_detectron2_groups()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     gc.collect()
@@ -125,103 +137,53 @@ def _all_gather_as_tensors(data: Any, group=None, device: Optional[torch.device]
     return [pickle.loads(c[:n].cpu().numpy().tobytes()) for c, n in zip(chunks, sizes)]
 
 
-def all_gather(data: Any, group=None) -> List[Any]:
-    """Gather a picklable object from every rank (drop-in for ``detectron2.utils.comm.all_gather``).
-
-    Args:
-        data: any picklable object.
-        group: process group; default: :func:`get_object_group`.
-
-    Returns:
-        list with one entry per rank of ``group``, in rank order.
-    """
-    if d2_comm.get_world_size() == 1:
-        return [data]
-    if group is None:
-        group = get_object_group()
-        if group is None:
-            return _all_gather_as_tensors(data)
-    if dist.get_world_size(group) == 1:
-        return [data]
-    backend = dist.get_backend(group)
-    if backend not in _GATHER_BACKENDS:
-        # all_gather_object would pick the device itself; keep it explicit for custom backends (hccl)
-        return _all_gather_as_tensors(data, group)
-    output = [None] * dist.get_world_size(group)
-    dist.all_gather_object(output, data, group=group)
-    return output
-
-
 def gather(data: Any, dst: int = 0, group=None) -> List[Any]:
-    """Gather a picklable object on rank ``dst`` (drop-in for ``detectron2.utils.comm.gather``).
-
-    Under backends without ``gather`` support (HCCL) this is an :func:`all_gather` whose result is
-    returned on ``dst`` only.
+    """``detectron2.utils.comm.gather`` for HCCL: Detectron2's own on a group whose backend has ``gather``
+    (the gloo side group of :func:`get_object_group`), else an ``all_gather`` kept on ``dst``.
 
     Returns:
         on ``dst``: list with one entry per rank; elsewhere: ``[]``.
     """
-    if d2_comm.get_world_size() == 1:
-        return [data]
-    if dist.get_backend() not in _GATHER_BACKENDS:
-        gathered = all_gather(data, group=group)
-        rank = dist.get_rank(group) if group is not None else dist.get_rank()
-        return gathered if rank == dst else []
     if group is None:
-        group = get_object_group()
-    world = dist.get_world_size(group)
-    if world == 1:
+        group = get_object_group() if d2_comm.get_world_size() > 1 else None
+    if group is None or dist.get_backend(group) in _GATHER_BACKENDS:
+        return _state["originals"]["gather"](data, dst=dst, group=group)
+    if dist.get_world_size(group) == 1:
         return [data]
-    if dist.get_rank(group) == dst:
-        output = [None] * world
-        dist.gather_object(data, output, dst=dst, group=group)
-        return output
-    dist.gather_object(data, None, dst=dst, group=group)
-    return []
+    gathered = _all_gather_as_tensors(data, group)
+    return gathered if dist.get_rank(group) == dst else []
 
 
-def _global_gloo_group():
-    """Replacement of ``comm._get_global_gloo_group``: the object group, or WORLD without gloo."""
-    group = get_object_group()
-    return dist.group.WORLD if group is None else group
-
-
-_REPLACEMENTS = {"all_gather": all_gather, "gather": gather, "_get_global_gloo_group": _global_gloo_group}
+_REPLACEMENTS = {"_get_global_gloo_group": get_object_group, "gather": gather}
 
 
 def patch_detectron2(device_type: str) -> None:
-    """Route Detectron2's object collectives through this module. Idempotent; call it in every worker.
+    """Make Detectron2's object collectives work on ``device_type``'s backend; call it in every worker.
 
-    Replaces ``all_gather``, ``gather`` and ``_get_global_gloo_group`` in ``detectron2.utils.comm`` and in
-    every loaded ``detectron2.*`` module that imported them by name (e.g. ``sem_seg_evaluation``).
+    A no-op where the backend implements ``gather`` (cpu / gloo, cuda / NCCL). Under HCCL (npu) it replaces
+    ``_get_global_gloo_group`` and ``gather`` in ``detectron2.utils.comm`` (see the module docstring).
+    Idempotent; :func:`unpatch_detectron2` undoes it.
 
     Args:
-        device_type: "cpu", "cuda" or "npu": where fallback tensor collectives allocate their buffers.
+        device_type: "cpu", "cuda" or "npu": decides the backend, and where fallback tensor collectives
+            allocate their buffers.
     """
-    _state["device_type"] = device_type
-    if _state["originals"] is not None:
+    if not needs_patch(device_type) or _state["originals"] is not None:
         return
-    originals = {name: getattr(d2_comm, name) for name in _PATCHED_NAMES}
-    replaced = []
-    for mod_name, mod in list(sys.modules.items()):
-        if mod is None or not (mod_name == "detectron2" or mod_name.startswith("detectron2.")):
-            continue
-        for name in _PATCHED_NAMES:
-            if getattr(mod, name, None) is originals[name]:
-                setattr(mod, name, _REPLACEMENTS[name])
-                replaced.append((mod, name))
-    _state["originals"] = (originals, replaced)
+    _state["device_type"] = device_type
+    _state["originals"] = {name: getattr(d2_comm, name) for name in _D2_PATCHED}
+    for name in _D2_PATCHED:
+        setattr(d2_comm, name, _REPLACEMENTS[name])
     _group_cache.clear()
-    logger.debug(f"patch_detectron2({device_type!r}): replaced {len(replaced)} attributes")
+    logger.debug(f"patch_detectron2({device_type!r}): replaced detectron2.utils.comm.{'/'.join(_D2_PATCHED)}")
 
 
 def unpatch_detectron2() -> None:
     """Undo :func:`patch_detectron2` (for tests)."""
     if _state["originals"] is None:
         return
-    originals, replaced = _state["originals"]
-    for mod, name in replaced:
-        setattr(mod, name, originals[name])
+    for name, fn in _state["originals"].items():
+        setattr(d2_comm, name, fn)
     _state.update(device_type=None, originals=None)
     _group_cache.clear()
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 from detectron2.engine import HookBase
@@ -21,7 +21,7 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
-from .checkpoint import atomic_write_bytes
+from ..utils.io import atomic_write_bytes
 from .device import manual_seed_all, max_memory_allocated, synchronize
 
 __all__ = [
@@ -29,8 +29,6 @@ __all__ = [
     "DeviceMetricPrinter",
     "DeterministicDataStream",
     "segment_seed",
-    "summarize_run",
-    "format_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,8 +126,9 @@ class ThroughputHook(HookBase):
 class DeviceMetricPrinter(CommonMetricPrinter):
     """Detectron2's console metric line, with device memory from the configured device type.
 
-    ``CommonMetricPrinter`` only reports ``torch.cuda.max_memory_allocated``; this printer asks the
-    device layer (CUDA or NPU; nothing on CPU) and adds the smoothed images/s when available.
+    ``CommonMetricPrinter.write`` only reports ``torch.cuda.max_memory_allocated``. This printer keeps that
+    ``write`` and appends to the line it logs the smoothed ``grad_norm`` and images/s when available, and
+    the peak memory of the device layer (CUDA or NPU; nothing on CPU) unless the line already has one.
 
     Args:
         max_iter: total iterations (for the ETA).
@@ -140,41 +139,36 @@ class DeviceMetricPrinter(CommonMetricPrinter):
     def __init__(self, max_iter: Optional[int], device_type: str, window_size: int = 20):
         super().__init__(max_iter, window_size=window_size)
         self.device_type = device_type
+        self.logger = _LineExtension(self.logger, self._extra_fields)
 
     def _median(self, storage, key):
         return storage.history(key).median(storage.count_samples(key, self._window_size))
 
-    def write(self):
+    def _extra_fields(self, line: str) -> List[str]:
         storage = get_event_storage()
-        iteration = storage.iter
-        if iteration == self._max_iter:
-            return  # training finished: nothing new to report
         histories = storage.histories()
         parts = []
-        eta = self._get_eta(storage)
-        if eta:
-            parts.append(f"eta: {eta}")
-        parts.append(f"iter: {iteration}")
-        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "loss" in k]
-        parts += [f"{k}: {self._median(storage, k):.4g}" for k in histories if "[metric]" in k]
         if "grad_norm" in histories:
             parts.append(f"grad_norm: {self._median(storage, 'grad_norm'):.4g}")
-        if "time" in histories:
-            parts.append(f"time: {histories['time'].global_avg():.4f}")
-            parts.append(f"last_time: {histories['time'].latest():.4f}")
-        if "data_time" in histories:
-            n = storage.count_samples("data_time", self._window_size)
-            parts.append(f"data_time: {histories['data_time'].avg(n):.4f}")
-            parts.append(f"last_data_time: {histories['data_time'].latest():.4f}")
         if THROUGHPUT_KEY in histories:
             parts.append(f"images/s: {self._median(storage, THROUGHPUT_KEY):.2f}")
-        lr = f"{histories['lr'].latest():.5g}" if "lr" in histories else "N/A"
-        parts.append(f"lr: {lr}")
-        mem = max_memory_allocated(self.device_type)
+        mem = None if "max_mem:" in line else max_memory_allocated(self.device_type)
         if mem is not None:
             # NOTE: "max_mem: <N>M" is the format Detectron2's tooling greps for
             parts.append(f"max_mem: {mem / 1024.0 / 1024.0:.0f}M")
-        self.logger.info(" " + "  ".join(parts))
+        return parts
+
+
+class _LineExtension(logging.LoggerAdapter):
+    """A logger that appends ``extra_fields(message)`` (a list of "key: value" strings) to each message."""
+
+    def __init__(self, logger: logging.Logger, extra_fields: Callable[[str], List[str]]):
+        super().__init__(logger, {})
+        self._extra_fields = extra_fields
+
+    def process(self, msg, kwargs):
+        msg = str(msg)
+        return "  ".join([msg.rstrip()] + self._extra_fields(msg)), kwargs
 
 
 def segment_seed(seed: int, segment: int) -> int:
@@ -236,98 +230,3 @@ class DeterministicDataStream(HookBase):
         it = self.trainer.iter
         if it != self.trainer.start_iter and it % self.period == 0:
             self._restart(it)
-
-
-# ---------------------------------------------------------------------------------------------- run summary
-
-
-def _last_copypaste_ap(log_path: str) -> Optional[dict]:
-    """The last ``copypaste:`` AP table of a Detectron2 log (written by every evaluation)."""
-    header = values = None
-    try:
-        with open(log_path) as f:
-            lines = [line.split("copypaste: ", 1)[1].strip() for line in f if "copypaste: " in line]
-    except OSError:
-        return None
-    for i, line in enumerate(lines[:-1]):
-        if line.startswith("AP,"):
-            header, values = line.split(","), lines[i + 1].split(",")
-    if header is None:
-        return None
-    try:
-        return {k: float(v) for k, v in zip(header, values)}
-    except ValueError:
-        return None
-
-
-def summarize_run(output_dir: str, prefer_log: bool = False) -> dict:
-    """Throughput and box AP of a finished run in ``output_dir``.
-
-    Reads ``throughput.json`` (written by :class:`ThroughputHook`), the last ``bbox/*`` entry of
-    ``metrics.json``, and falls back to the last ``copypaste`` AP table of ``log.txt`` (``--eval-only``
-    runs write no metrics.json entry).
-
-    Args:
-        output_dir: the run's ``OUTPUT_DIR``.
-        prefer_log: take the AP from the log's last evaluation even if metrics.json has one (for
-            ``--eval-only`` runs in a training directory).
-
-    Returns:
-        dict with optional keys ``throughput`` (the throughput.json content) and ``bbox`` (AP metrics).
-    """
-    out = {}
-    tp = os.path.join(output_dir, "throughput.json")
-    if os.path.exists(tp):
-        with open(tp) as f:
-            out["throughput"] = json.load(f)
-    if prefer_log:
-        ap = _last_copypaste_ap(os.path.join(output_dir, "log.txt"))
-        if ap:
-            out["bbox"] = ap
-    metrics = os.path.join(output_dir, "metrics.json")
-    if "bbox" not in out and os.path.exists(metrics):
-        with open(metrics) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                bbox = {k.split("/", 1)[1]: v for k, v in entry.items() if k.startswith("bbox/")}
-                if bbox:
-                    out["bbox"] = bbox
-    if "bbox" not in out:
-        ap = _last_copypaste_ap(os.path.join(output_dir, "log.txt"))
-        if ap:
-            out["bbox"] = ap
-    return out
-
-
-def format_summary(summary: dict) -> str:
-    """Human-readable lines for :func:`summarize_run` (the end of the train_*.sh scripts)."""
-    lines = []
-    tp = summary.get("throughput")
-    if tp:
-        n = tp["num_devices"]
-        lines.append(
-            f"FPS: {tp['images_per_sec_per_device']:.2f} images/s per {tp['device_type']} device (1 card) / "
-            f"{tp['images_per_sec']:.2f} images/s on {n} card{'s' if n > 1 else ''} "
-            f"(total batch {tp['total_batch_size']}, {tp['seconds_per_iter']:.4f} s/iter, "
-            f"{tp['measured_iters']} iterations after {tp['warmup_iters']} warm-up)"
-        )
-    else:
-        lines.append("FPS: not available (no throughput.json: training did not run past the warm-up)")
-    bbox = summary.get("bbox")
-    if bbox:
-        keys = [k for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in bbox]
-        lines.append("bbox " + "  ".join(f"{k}: {float(bbox[k]):.2f}" for k in keys))
-    else:
-        lines.append("AP: not available (no evaluation results)")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":  # python -m fsaf_d2.engine.hooks OUTPUT_DIR
-    import sys
-
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m fsaf_d2.engine.hooks OUTPUT_DIR")
-    print(format_summary(summarize_run(sys.argv[1])))

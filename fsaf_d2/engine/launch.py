@@ -30,7 +30,7 @@ from detectron2.utils import comm
 from .device import DeviceError, check_device_available, dist_backend, parse_device, set_device
 from .comm import release_process_groups
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "torchrun_env", "init_distributed", "create_local_process_group"]
+__all__ = ["DEFAULT_TIMEOUT", "launch", "torchrun_env", "init_distributed"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
@@ -64,26 +64,6 @@ def torchrun_env() -> Optional[dict]:
     env["master_addr"] = os.environ.get("MASTER_ADDR")
     env["master_port"] = os.environ.get("MASTER_PORT")
     return env
-
-
-def create_local_process_group(num_workers_per_machine: int) -> None:
-    """Create Detectron2's per-machine process group (needed by ``comm.get_local_rank``/``get_local_size``).
-
-    Uses ``comm.create_local_process_group`` when the installed Detectron2 has it (HEAD, 0.7.x), and
-    otherwise (v0.6) builds the groups and sets ``comm._LOCAL_PROCESS_GROUP`` itself. Collective: every
-    rank must call it.
-    """
-    if hasattr(comm, "create_local_process_group"):
-        comm.create_local_process_group(num_workers_per_machine)
-        return
-    world_size, rank = dist.get_world_size(), dist.get_rank()
-    if world_size % num_workers_per_machine:
-        raise ValueError(f"world size {world_size} is not a multiple of {num_workers_per_machine} workers/machine")
-    for m in range(world_size // num_workers_per_machine):
-        ranks = list(range(m * num_workers_per_machine, (m + 1) * num_workers_per_machine))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            comm._LOCAL_PROCESS_GROUP = group
 
 
 def init_distributed(
@@ -125,7 +105,7 @@ def init_distributed(
             f"world_size={world_size}) failed"
         )
         raise
-    create_local_process_group(local_world_size)
+    comm.create_local_process_group(local_world_size)  # Detectron2's per-machine group (get_local_rank)
     # A first barrier catches unreachable peers now rather than at the first collective of training.
     comm.synchronize()
 

@@ -48,7 +48,7 @@ from .device import (
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
-__all__ = ["Trainer", "config_from_args", "device_from_args", "pre_launch", "setup", "prepare_worker"]
+__all__ = ["Trainer", "config_from_args", "pre_launch", "setup", "prepare_worker"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +59,6 @@ logger = logging.getLogger(__name__)
 def config_from_args(args, freeze: bool = True):
     """:func:`~fsaf_d2.engine.config.build_config` of ``args.config_file`` and ``args.opts``."""
     return build_config(getattr(args, "config_file", ""), getattr(args, "opts", None) or [], freeze=freeze)
-
-
-def device_from_args(args) -> str:
-    """``MODEL.DEVICE`` of the config described by ``args`` (read before launching workers)."""
-    return config_from_args(args, freeze=False).MODEL.DEVICE
 
 
 def pre_launch(args) -> str:

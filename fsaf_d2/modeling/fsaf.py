@@ -17,7 +17,7 @@ from .box_coder import TBLRBoxCoder, tblr_decode
 from .frozen_bn import fold_frozen_batchnorm
 from .head import FSAFHead
 from .inference import merge_levels, select_level_candidates
-from .losses import fsaf_losses
+from .losses import FSAFLossSettings, fsaf_losses
 from .priors import PointPriors, point_prior_grid
 
 __all__ = ["FSAF", "pad_ground_truth", "choose_fixed_size"]
@@ -79,15 +79,7 @@ class FSAF(DenseDetector):
         num_classes: int,
         prior_offset: float = 0.0,
         box_coder: TBLRBoxCoder,
-        focal_loss_alpha: float = 0.25,
-        focal_loss_gamma: float = 2.0,
-        iou_loss_eps: float = 1e-6,
-        reg_clamp_min: float = 1e-4,
-        pos_scale: float = 0.2,
-        neg_scale: float = 0.2,
-        min_pos_iof: float = 0.01,
-        crowd_as_ignore: bool = False,
-        ignore_gt_scale: float = 0.5,
+        loss_settings: FSAFLossSettings = FSAFLossSettings(),
         loss_normalizer: str = "exact",
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
@@ -112,15 +104,7 @@ class FSAF(DenseDetector):
         # plain copies for the TorchScript inference path, which cannot use PointPriors / TBLRBoxCoder
         self.prior_offset = float(prior_offset)
         self.box_normalizer = float(box_coder.normalizer)
-        self.focal_loss_alpha = focal_loss_alpha
-        self.focal_loss_gamma = focal_loss_gamma
-        self.iou_loss_eps = iou_loss_eps
-        self.reg_clamp_min = reg_clamp_min
-        self.pos_scale = pos_scale
-        self.neg_scale = neg_scale
-        self.min_pos_iof = min_pos_iof
-        self.crowd_as_ignore = crowd_as_ignore
-        self.ignore_gt_scale = ignore_gt_scale
+        self.loss_settings = loss_settings
         self.loss_normalizer = check_choice("MODEL.FSAF.LOSS_NORMALIZER", loss_normalizer)
         self.register_buffer("loss_normalizer_ema", torch.tensor(100.0), persistent=False)
         self.test_score_thresh = test_score_thresh
@@ -159,15 +143,7 @@ class FSAF(DenseDetector):
             "num_classes": f.NUM_CLASSES,
             "prior_offset": f.PRIOR_OFFSET,
             "box_coder": TBLRBoxCoder(f.BBOX_NORMALIZER),
-            "focal_loss_alpha": f.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": f.FOCAL_LOSS_GAMMA,
-            "iou_loss_eps": f.IOU_LOSS_EPS,
-            "reg_clamp_min": f.REG_CLAMP_MIN,
-            "pos_scale": f.POS_SCALE,
-            "neg_scale": f.NEG_SCALE,
-            "min_pos_iof": f.MIN_POS_IOF,
-            "crowd_as_ignore": f.CROWD_AS_IGNORE,
-            "ignore_gt_scale": f.IGNORE_GT_SCALE,
+            "loss_settings": FSAFLossSettings.from_config(cfg),
             "loss_normalizer": f.LOSS_NORMALIZER,
             "test_score_thresh": f.SCORE_THRESH_TEST,
             "test_topk_candidates": f.TOPK_CANDIDATES_TEST,
@@ -189,19 +165,98 @@ class FSAF(DenseDetector):
             "pixel_std": cfg.MODEL.PIXEL_STD,
         }
 
-    # ------------------------------------------------------------------ input
+    # ------------------------------------------------------------------ forward
+    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
+        """``DenseDetector.forward``, overridden where it has no hook for two things.
+
+        * Training: ``DenseDetector.forward`` moves each image's ``Instances`` to the device, field by field,
+          before ``forward_training``. FSAF hands them on where the data loader left them (the host), so that
+          :meth:`forward_training` pads them there and sends each padded tensor with one non-blocking copy:
+          with ``MODEL.FSAF.MAX_GT`` the device sees fixed shapes and no per-image copies.
+        * TorchScript cannot compile ``super()``: the scripted model runs the same hooks here
+          (:meth:`preprocess_image`, :meth:`features_and_predictions`, :meth:`forward_inference`) and returns
+          the results in the input image's pixels, like Detectron2's scripted dense detectors.
+
+        Eager inference is ``DenseDetector.forward`` unchanged.
+        """
+        if torch.jit.is_scripting():
+            images = self.preprocess_image(batched_inputs)
+            features, predictions = self.features_and_predictions(images.tensor)
+            return self.forward_inference(images, features, predictions)
+        else:
+            if not self.training:
+                return super().forward(batched_inputs)
+            if "instances" not in batched_inputs[0]:
+                raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
+            with record_function("fsaf.preprocess"):
+                images = self.preprocess_image(batched_inputs)
+            features, predictions = self.features_and_predictions(images.tensor)
+            return self.forward_training(images, features, predictions, [x["instances"] for x in batched_inputs])
+
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
-        """Normalise and batch; with ``INPUT.FIXED_SIZES`` pad to a fixed bucket instead of the batch max."""
-        if not self.fixed_sizes:
-            return super().preprocess_image(batched_inputs)
+        """Normalise and batch the images, padded to the backbone's size divisibility as in
+        ``DenseDetector.preprocess_image``; with ``INPUT.FIXED_SIZES`` (eager mode only) padded to the
+        smallest of those sizes that holds the batch instead."""
         images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
+        if not torch.jit.is_scripting():
+            if self.fixed_sizes:
+                return self._pad_to_fixed_size(images)
+        return ImageList.from_tensors(
+            images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
+        )
+
+    def _pad_to_fixed_size(self, images: List[Tensor]) -> ImageList:
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
         h, w = choose_fixed_size(sizes, self.fixed_sizes)
         batched = images[0].new_zeros(len(images), images[0].shape[0], h, w)
         for i, img in enumerate(images):
             batched[i, :, : img.shape[-2], : img.shape[-1]].copy_(img)
         return ImageList(batched, sizes)
+
+    def features_and_predictions(self, images: Tensor) -> Tuple[List[Tensor], List[List[Tensor]]]:
+        """Backbone, then the head, on a normalised and padded image batch (N, 3, H, W).
+
+        Returns:
+            the backbone features the head runs on (``MODEL.FSAF.IN_FEATURES`` order), and the head's
+            per-level outputs: FSAF class logits (N, C, H_l, W_l) and TBLR distances (N, 4, H_l, W_l), then
+            (combined model only) RetinaNet's logits and deltas.
+        """
+        with record_function("fsaf.backbone"):
+            out = self.backbone(images)
+            features = [out[f] for f in self.head_in_features]
+        with record_function("fsaf.head"):
+            predictions = self.head(features)
+        return features, predictions
+
+    # ------------------------------------------------------------------ training
+    def forward_training(self, images, features, predictions, gt_instances):
+        """DenseDetector's training hook: the FSAF losses (and, in the combined model, RetinaNet's) of a batch.
+
+        Args:
+            gt_instances: per-image ground truth ``Instances``, on the host (as :meth:`forward` passes them)
+                or on the model's device; see :meth:`padded_ground_truth`.
+        """
+        with record_function("fsaf.preprocess"):
+            gt = self.padded_ground_truth(gt_instances)
+        losses = self.losses(images, features, predictions, *gt)
+        if self.anchor_based is None:
+            return losses
+        # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5
+        total = self.anchor_based.forward_training(
+            images, features, predictions[2:], [x.to(self.device) for x in gt_instances]
+        )
+        total.update({k: self.af_loss_weight * v for k, v in losses.items()})
+        return total
+
+    def padded_ground_truth(self, gt_instances: Sequence[Instances]) -> List[Optional[Tensor]]:
+        """Ground truth as padded tensors on the model's device (see :func:`pad_ground_truth`).
+
+        The tensors are padded on the device the instances live on; host tensors then reach the device
+        with one pinned non-blocking copy each.
+        """
+        tensors = pad_ground_truth(gt_instances, self._gt_slots(gt_instances), self.loss_settings.crowd_as_ignore)
+        return [None if t is None else self._to_device_async(t) for t in tensors]
 
     def _gt_slots(self, instances: Sequence[Instances]) -> int:
         """Ground-truth slots per image: MODEL.FSAF.MAX_GT (static) or the batch's largest count (dynamic)."""
@@ -215,70 +270,12 @@ class FSAF(DenseDetector):
             )
         return self.max_gt
 
-    def _ground_truth(self, batched_inputs: List[Dict[str, Tensor]]):
-        """Padded ground truth, built on the host and sent to the device in one non-blocking copy each."""
-        instances = [x["instances"].to("cpu") for x in batched_inputs]
-        tensors = pad_ground_truth(instances, self._gt_slots(instances), self.crowd_as_ignore)
-        return [None if t is None else self._to_device_async(t) for t in tensors]
-
     def _to_device_async(self, t: Tensor) -> Tensor:
-        if self.device.type == "cpu":
+        if t.device == self.device:
             return t
-        return t.pin_memory().to(self.device, non_blocking=True)
-
-    # ------------------------------------------------------------------ forward
-    def forward(self, batched_inputs: List[Dict[str, Tensor]]):
-        if self.training:
-            return self._forward_train(batched_inputs)
-        if torch.jit.is_scripting():
-            return self._scripted_inference(batched_inputs)
-        else:
-            return super().forward(batched_inputs)
-
-    def _scripted_inference(self, batched_inputs: List[Dict[str, Tensor]]) -> List[Instances]:
-        """``DenseDetector.forward`` at inference, for TorchScript (which cannot compile ``super()``): images
-        padded to the backbone's size divisibility (``INPUT.FIXED_SIZES`` is not supported), results in the
-        input image's pixels (no rescaling to "height" / "width"), as Detectron2's scripted dense detectors.
-        """
-        images = [self._move_to_current_device(x["image"]) for x in batched_inputs]
-        images = [(x - self.pixel_mean) / self.pixel_std for x in images]
-        image_list = ImageList.from_tensors(
-            images, self.backbone.size_divisibility, padding_constraints=self.backbone.padding_constraints
-        )
-        features = self.backbone(image_list.tensor)
-        features = [features[f] for f in self.head_in_features]
-        return self.forward_inference(image_list, features, self.head(features))
-
-    @torch.jit.unused
-    def _forward_train(self, batched_inputs: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
-        if "instances" not in batched_inputs[0]:
-            raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
-        with record_function("fsaf.preprocess"):
-            images = self.preprocess_image(batched_inputs)
-            gt = self._ground_truth(batched_inputs)
-        with record_function("fsaf.backbone"):
-            features = self.backbone(images.tensor)
-            features = [features[f] for f in self.head_in_features]
-        with record_function("fsaf.head"):
-            predictions = self.head(features)
-        gt_instances = None
-        if self.anchor_based is not None:
-            gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
-        return self._total_losses(images, features, predictions, gt, gt_instances)
-
-    def forward_training(self, images, features, predictions, gt_instances):
-        """DenseDetector's training entry point, for callers that already hold device ``Instances``."""
-        gt = pad_ground_truth(gt_instances, self._gt_slots(gt_instances), self.crowd_as_ignore)
-        return self._total_losses(images, features, predictions, gt, gt_instances)
-
-    def _total_losses(self, images, features, predictions, gt, gt_instances):
-        losses = self.losses(images, features, predictions, *gt)
-        if self.anchor_based is None:
-            return losses
-        # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5
-        total = self.anchor_based.training_losses(features, predictions[2], predictions[3], gt_instances)
-        total.update({k: self.af_loss_weight * v for k, v in losses.items()})
-        return total
+        if t.device.type == "cpu":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
 
     def prior_layout(self, images: ImageList, features: List[Tensor]):
         """Priors (R, 4), prior level ids (R,), level sizes and the (N, R) valid mask of a batch."""
@@ -316,14 +313,7 @@ class FSAF(DenseDetector):
             gt_valid,
             gt_ignore=gt_ignore,
             box_coder=self.box_coder,
-            focal_alpha=self.focal_loss_alpha,
-            focal_gamma=self.focal_loss_gamma,
-            iou_eps=self.iou_loss_eps,
-            reg_clamp_min=self.reg_clamp_min,
-            pos_scale=self.pos_scale,
-            neg_scale=self.neg_scale,
-            min_pos_iof=self.min_pos_iof,
-            ignore_gt_scale=self.ignore_gt_scale,
+            settings=self.loss_settings,
             normalizer_fn=self._ema_normalizer if self.loss_normalizer == "ema" else None,
             return_details=return_details,
         )

@@ -19,6 +19,7 @@ from .assignment import AssignmentResult, assign_center_region
 from .box_coder import TBLRBoxCoder
 
 __all__ = [
+    "FSAFLossSettings",
     "iou_loss",
     "aligned_iou",
     "select_levels",
@@ -29,6 +30,48 @@ __all__ = [
 
 # cost of an (object, level) pair without any candidate positive: such a level is never selected
 NO_CANDIDATE_COST = 1e6
+
+
+@dataclass(frozen=True)
+class FSAFLossSettings:
+    """The CenterRegion assignment and loss settings of FSAF, one small object like Detectron2's
+    ``Matcher`` / ``Box2BoxTransform``: built from ``MODEL.FSAF`` by :meth:`from_config`, held by the model
+    and handed to :func:`fsaf_losses`. The defaults are the reference's (and the config's).
+
+    Attributes:
+        pos_scale / neg_scale: core and shadow region scales (``POS_SCALE`` / ``NEG_SCALE``).
+        min_pos_iof: a prior overlaps a region if IoF(prior, region) > this (``MIN_POS_IOF``).
+        crowd_as_ignore: crowd boxes are ignore regions, not dropped (``CROWD_AS_IGNORE``).
+        ignore_gt_scale: ignore regions are crowd boxes shrunk by this scale (``IGNORE_GT_SCALE``).
+        focal_alpha / focal_gamma: sigmoid focal loss (``FOCAL_LOSS_ALPHA`` / ``FOCAL_LOSS_GAMMA``).
+        iou_eps: IoU clamp of the -log(IoU) loss (``IOU_LOSS_EPS``).
+        reg_clamp_min: regression outputs clamped to at least this inside the loss (``REG_CLAMP_MIN``).
+    """
+
+    pos_scale: float = 0.2
+    neg_scale: float = 0.2
+    min_pos_iof: float = 0.01
+    crowd_as_ignore: bool = False
+    ignore_gt_scale: float = 0.5
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    iou_eps: float = 1e-6
+    reg_clamp_min: float = 1e-4
+
+    @classmethod
+    def from_config(cls, cfg) -> "FSAFLossSettings":
+        f = cfg.MODEL.FSAF
+        return cls(
+            pos_scale=f.POS_SCALE,
+            neg_scale=f.NEG_SCALE,
+            min_pos_iof=f.MIN_POS_IOF,
+            crowd_as_ignore=f.CROWD_AS_IGNORE,
+            ignore_gt_scale=f.IGNORE_GT_SCALE,
+            focal_alpha=f.FOCAL_LOSS_ALPHA,
+            focal_gamma=f.FOCAL_LOSS_GAMMA,
+            iou_eps=f.IOU_LOSS_EPS,
+            reg_clamp_min=f.REG_CLAMP_MIN,
+        )
 
 
 def aligned_iou(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
@@ -76,14 +119,16 @@ def select_levels(
 
 def _dense_losses(
     cls_logits, reg_deltas, priors, label_targets, label_weights, box_targets, positive, box_coder,
-    focal_alpha, focal_gamma, iou_eps, reg_clamp_min,
+    settings: FSAFLossSettings,
 ):
     """Weighted focal loss (N, R, C) and IoU loss of the candidate positives (N, R), unreduced."""
     n, r = positive.shape
-    focal = sigmoid_focal_loss(cls_logits, label_targets, alpha=focal_alpha, gamma=focal_gamma, reduction="none")
+    focal = sigmoid_focal_loss(
+        cls_logits, label_targets, alpha=settings.focal_alpha, gamma=settings.focal_gamma, reduction="none"
+    )
     focal = focal * label_weights
-    pred_boxes = box_coder.apply_deltas(reg_deltas.clamp(min=reg_clamp_min), priors[None].expand(n, r, 4))
-    reg = iou_loss(pred_boxes, box_targets, iou_eps) * positive
+    pred_boxes = box_coder.apply_deltas(reg_deltas.clamp(min=settings.reg_clamp_min), priors[None].expand(n, r, 4))
+    reg = iou_loss(pred_boxes, box_targets, settings.iou_eps) * positive
     return focal, reg
 
 
@@ -127,14 +172,7 @@ def fsaf_losses(
     *,
     gt_ignore: Optional[Tensor] = None,
     box_coder: TBLRBoxCoder,
-    focal_alpha: float = 0.25,
-    focal_gamma: float = 2.0,
-    iou_eps: float = 1e-6,
-    reg_clamp_min: float = 1e-4,
-    pos_scale: float = 0.2,
-    neg_scale: float = 0.2,
-    min_pos_iof: float = 0.01,
-    ignore_gt_scale: float = 0.5,
+    settings: FSAFLossSettings = FSAFLossSettings(),
     normalizer_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     return_details: bool = False,
 ):
@@ -149,6 +187,8 @@ def fsaf_losses(
         prior_valid: (N, R) bool, priors inside each image's own padded extent.
         gt_boxes, gt_labels, gt_valid, gt_ignore: padded ground truth, see
             :func:`assign_center_region`.
+        box_coder: decodes ``reg_deltas`` at the priors.
+        settings: assignment and loss settings (default: the reference's).
     Returns:
         dict with ``loss_fsaf_cls`` and ``loss_fsaf_reg`` (scalars, normalised, summed over levels),
         plus the :class:`FSAFLossDetails` when ``return_details``. Everything runs in fp32.
@@ -171,11 +211,11 @@ def fsaf_losses(
             gt_valid,
             prior_valid,
             c,
-            pos_scale=pos_scale,
-            neg_scale=neg_scale,
-            min_pos_iof=min_pos_iof,
+            pos_scale=settings.pos_scale,
+            neg_scale=settings.neg_scale,
+            min_pos_iof=settings.min_pos_iof,
             gt_ignore=gt_ignore,
-            ignore_gt_scale=ignore_gt_scale,
+            ignore_gt_scale=settings.ignore_gt_scale,
         )
         positive = assignment.positive
         gt_index = assignment.gt_index
@@ -189,8 +229,7 @@ def fsaf_losses(
     # dense per-element losses, computed once
     with record_function("fsaf.dense_losses"):
         focal, reg = _dense_losses(
-            cls_logits, reg_deltas, priors, label_targets, label_weights, box_targets, positive, box_coder,
-            focal_alpha, focal_gamma, iou_eps, reg_clamp_min,
+            cls_logits, reg_deltas, priors, label_targets, label_weights, box_targets, positive, box_coder, settings
         )
 
     # online feature selection on the detached cost

@@ -22,6 +22,7 @@ from typing import Any, List
 import torch
 from iopath.common.file_io import PathHandler
 
+from ..utils.io import atomic_write
 from .errors import BN_FIELDS, ConversionError
 
 __all__ = [
@@ -146,10 +147,7 @@ class TorchvisionWeightsHandler(PathHandler):
         converted = convert_torchvision_resnet(torch.load(source, map_location="cpu", weights_only=True))
         converted["model"] = {k: v.numpy() for k, v in converted["model"].items()}
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = target + f".tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            pickle.dump(converted, f)
-        os.replace(tmp, target)
+        atomic_write(target, lambda f: pickle.dump(converted, f))
         logger.info(f"Converted {source} to Detectron2 names: {target}")
         return target
 

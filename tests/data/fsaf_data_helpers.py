@@ -2,34 +2,26 @@
 import logging
 import os
 
-from detectron2.config import get_cfg
-
-from fsaf_d2.config import add_fsaf_config
+from helpers import make_cfg
 
 
-def make_cfg(train=("fsaf_quickstart_train",), test=("fsaf_quickstart_val",), **overrides):
-    """A CPU config with fsaf_d2's keys and small inputs; ``overrides`` as {"A.B": value}."""
-    cfg = get_cfg()
-    add_fsaf_config(cfg)
-    cfg.DATASETS.TRAIN = tuple(train)
-    cfg.DATASETS.TEST = tuple(test)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.FSAF.NUM_CLASSES = 5
-    cfg.INPUT.MIN_SIZE_TRAIN = (160,)
-    cfg.INPUT.MAX_SIZE_TRAIN = 256
-    cfg.INPUT.MIN_SIZE_TEST = 160
-    cfg.INPUT.MAX_SIZE_TEST = 256
-    cfg.INPUT.FORMAT = "RGB"
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SEED = 7
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+def loader_cfg(train=("fsaf_quickstart_train",), test=("fsaf_quickstart_val",), **overrides):
+    """A CPU config with fsaf_d2's keys and small inputs for the loaders; ``overrides`` as {"A.B": value}."""
+    opts = [
+        "DATASETS.TRAIN", tuple(train),
+        "DATASETS.TEST", tuple(test),
+        "MODEL.DEVICE", "cpu",
+        "MODEL.FSAF.NUM_CLASSES", 5,
+        "INPUT.MIN_SIZE_TRAIN", (160,),
+        "INPUT.MAX_SIZE_TRAIN", 256,
+        "INPUT.MIN_SIZE_TEST", 160,
+        "INPUT.MAX_SIZE_TEST", 256,
+        "INPUT.FORMAT", "RGB",
+        "DATALOADER.NUM_WORKERS", 0,
+        "SOLVER.IMS_PER_BATCH", 2,
+        "SEED", 7,
+    ]
+    return make_cfg(opts=opts, **overrides)
 
 
 def image_path(root, split="train", index=1):

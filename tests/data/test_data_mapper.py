@@ -6,7 +6,7 @@ import pytest
 import torch
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
-from fsaf_data_helpers import image_path, make_cfg
+from fsaf_data_helpers import image_path, loader_cfg
 
 from fsaf_d2.data import (
     CV2Resize,
@@ -76,7 +76,7 @@ def test_mapper_backends_same_output_size(small_quickstart, is_train):
     record = _record(root, [[10, 10, 40, 50]])
     outs = {}
     for backend in ("pil", "cv2"):
-        cfg = make_cfg(
+        cfg = loader_cfg(
             **{
                 "INPUT.RESIZE_BACKEND": backend,
                 "INPUT.MIN_SIZE_TEST": 200,
@@ -99,13 +99,13 @@ def test_mapper_backends_same_output_size(small_quickstart, is_train):
 
 def test_invalid_resize_backend_names_the_key():
     with pytest.raises(ValueError, match="INPUT.RESIZE_BACKEND='opencv'"):
-        FSAFDatasetMapper(make_cfg(**{"INPUT.RESIZE_BACKEND": "opencv"}), True)
+        FSAFDatasetMapper(loader_cfg(**{"INPUT.RESIZE_BACKEND": "opencv"}), True)
 
 
 # ------------------------------------------------------------------------------------------ crowd
 def test_crowd_boxes_dropped_by_default(small_quickstart):
     record = _record(small_quickstart[0], [[10, 10, 40, 50], [60, 20, 90, 70], [5, 80, 100, 120]], crowd=(1,))
-    cfg = make_cfg(**{"INPUT.RANDOM_FLIP": "none", "INPUT.MIN_SIZE_TRAIN": (record["height"],)})
+    cfg = loader_cfg(**{"INPUT.RANDOM_FLIP": "none", "INPUT.MIN_SIZE_TRAIN": (record["height"],)})
     out = FSAFDatasetMapper(cfg, True)(record)
     inst = out["instances"]
     assert len(inst) == 2 and not inst.has("gt_is_crowd")
@@ -115,7 +115,7 @@ def test_crowd_boxes_dropped_by_default(small_quickstart):
 def test_crowd_boxes_kept_and_flagged_with_crowd_as_ignore(small_quickstart):
     record = _record(small_quickstart[0], [[10, 10, 40, 50], [60, 20, 90, 70], [5, 80, 100, 120]], crowd=(1,))
     h = record["height"]
-    cfg = make_cfg(**{"INPUT.RANDOM_FLIP": "none", "INPUT.MIN_SIZE_TRAIN": (2 * h,), "INPUT.MAX_SIZE_TRAIN": 10000})
+    cfg = loader_cfg(**{"INPUT.RANDOM_FLIP": "none", "INPUT.MIN_SIZE_TRAIN": (2 * h,), "INPUT.MAX_SIZE_TRAIN": 10000})
     cfg.MODEL.FSAF.CROWD_AS_IGNORE = True
     out = FSAFDatasetMapper(cfg, True)(record)
     inst = out["instances"]
@@ -139,13 +139,13 @@ def _image_ids(loader, num_batches):
 
 def test_train_loader_is_deterministic_with_seed(registered_small_quickstart):
     def run(seed):
-        cfg = make_cfg(**{"SEED": seed, "DATALOADER.ASPECT_RATIO_GROUPING": False})
+        cfg = loader_cfg(**{"SEED": seed, "DATALOADER.ASPECT_RATIO_GROUPING": False})
         return _image_ids(build_fsaf_train_loader(cfg), 6)
 
     first = run(3)
     assert first == run(3)
     assert first != run(4)
-    batch = next(iter(build_fsaf_train_loader(make_cfg())))
+    batch = next(iter(build_fsaf_train_loader(loader_cfg())))
     assert len(batch) == 2
     for d in batch:
         assert d["image"].dtype == torch.uint8 and d["image"].shape[0] == 3
@@ -153,6 +153,6 @@ def test_train_loader_is_deterministic_with_seed(registered_small_quickstart):
 
 
 def test_test_loader_serves_every_image_once(registered_small_quickstart, small_quickstart):
-    loader = build_fsaf_test_loader(make_cfg(), "fsaf_quickstart_val")
+    loader = build_fsaf_test_loader(loader_cfg(), "fsaf_quickstart_val")
     ids = [d["image_id"] for batch in loader for d in batch]
     assert sorted(ids) == [img["id"] for img in small_quickstart[1]["val"]["images"]]

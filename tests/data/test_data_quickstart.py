@@ -162,22 +162,6 @@ def test_ensure_quickstart_generates_once_and_registers(tmp_path):
         fdata.register_quickstart(previous)
 
 
-def test_ensure_quickstart_for_config_only_when_used(tmp_path):
-    from fsaf_data_helpers import make_cfg
-
-    previous = fdata.registered_quickstart_root()
-    root = str(tmp_path / "qs")
-    try:
-        fdata.register_quickstart(root)
-        assert fdata.ensure_quickstart_for_config(make_cfg(train=("coco_2017_train",), test=())) is None
-        assert not os.path.exists(root)
-        cfg = make_cfg(train=("coco_2017_train",), test=("fsaf_quickstart_val",))
-        assert fdata.ensure_quickstart_for_config(cfg, num_train=2, num_val=2, show_progress=False) == root
-        assert qs_datasets.quickstart_exists(root)
-    finally:
-        fdata.register_quickstart(previous)
-
-
 def test_loads_through_detectron2_coco_loader(registered_small_quickstart, small_quickstart):
     dicts = DatasetCatalog.get("fsaf_quickstart_train")
     assert len(dicts) == len(small_quickstart[1]["train"]["images"])

@@ -9,18 +9,15 @@ import sys
 import uuid
 
 import numpy as np
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
-import fsaf_d2
-from fsaf_d2.engine.config import add_engine_config
+from helpers import REPO_ROOT, make_cfg, override_opts
 
 #: detector used by the engine tests ("RetinaNet" or "FSAF")
 META_ARCH = os.environ.get("FSAF_ENGINE_TEST_ARCH", "FSAF")
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO_ROOT, "train_net.py")
 FAKE_NPU_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fake_npu")
 
@@ -85,29 +82,18 @@ def tiny_opts(output_dir: str, train: str, test: str, num_classes: int, **overri
         "TEST.EVAL_PERIOD", 0,
         "OUTPUT_DIR", output_dir,
     ]
-    for k, v in overrides.items():
-        opts += [k.replace("__", "."), v]
-    return opts
+    return opts + override_opts(overrides)
 
 
 def tiny_cfg(output_dir: str, train: str, test: str = "", num_classes: int = 2, **overrides):
     """A frozen config from :func:`tiny_opts` (``overrides``: ``SOLVER__MAX_ITER=4`` style keys)."""
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    add_engine_config(cfg)
-    cfg.merge_from_list(tiny_opts(output_dir, train, test, num_classes, **overrides))
-    cfg.freeze()
-    return cfg
+    return make_cfg(opts=tiny_opts(output_dir, train, test, num_classes, **overrides), freeze=True)
 
 
 def opts_to_yaml(opts, path: str) -> str:
     """Write ``KEY VALUE`` opts as a complete config yaml (for ``train_net.py --config-file``)."""
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    add_engine_config(cfg)
-    cfg.merge_from_list(opts)
     with open(path, "w") as f:
-        f.write(cfg.dump())
+        f.write(make_cfg(opts=opts).dump())
     return path
 
 

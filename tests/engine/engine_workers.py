@@ -16,8 +16,8 @@ def _dump(out_dir, result):
 
 
 def gloo_collectives_worker(out_dir):
-    """CPU/gloo: local group, patched object collectives, tensor fallback, DDP on a CPU module."""
-    from fsaf_d2.engine.comm import _all_gather_as_tensors, create_ddp_model, patch_detectron2
+    """CPU/gloo: local group, Detectron2's object collectives (not patched), tensor fallback, DDP on a CPU module."""
+    from fsaf_d2.engine.comm import _all_gather_as_tensors, create_ddp_model, is_patched, patch_detectron2
 
     patch_detectron2("cpu")
     patch_detectron2("cpu")  # idempotent
@@ -42,6 +42,7 @@ def gloo_collectives_worker(out_dir):
             "ddp_broadcast_buffers": model.broadcast_buffers,
             "grads_equal": grads[0] == grads[1],
             "num_threads": torch.get_num_threads(),
+            "patched": is_patched(),
         },
     )
 

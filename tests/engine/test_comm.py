@@ -16,20 +16,29 @@ def _results(out_dir, world):
     return [json.load(open(os.path.join(out_dir, f"rank{r}.json"))) for r in range(world)]
 
 
-def test_patch_is_idempotent_and_reversible():
-    originals = (d2_comm.all_gather, d2_comm.gather, d2_comm._get_global_gloo_group)
+def _comm_functions():
+    return {name: getattr(d2_comm, name) for name in ("all_gather", "gather", "_get_global_gloo_group")}
+
+
+def test_patch_applies_to_hccl_only_and_is_idempotent_and_reversible():
+    from detectron2.evaluation import sem_seg_evaluation
+
+    originals = _comm_functions()
+    assert C.needs_patch("npu") and not C.needs_patch("cuda") and not C.needs_patch("cpu")
+    for device_type in ("cpu", "cuda"):  # gloo and NCCL gather: Detectron2's collectives stay as they are
+        C.patch_detectron2(device_type)
+        assert not C.is_patched() and _comm_functions() == originals
     try:
         C.patch_detectron2("npu")
         C.patch_detectron2("npu")
         assert C.is_patched()
-        assert d2_comm.all_gather is C.all_gather and d2_comm.gather is C.gather
-        from detectron2.evaluation import sem_seg_evaluation
-
-        assert sem_seg_evaluation.all_gather is C.all_gather  # imported by name there
+        assert d2_comm.gather is C.gather and d2_comm._get_global_gloo_group is C.get_object_group
+        assert d2_comm.all_gather is originals["all_gather"]  # HCCL implements all_gather
+        assert sem_seg_evaluation.all_gather is originals["all_gather"]  # no other module is touched
         assert d2_comm.all_gather("x") == ["x"] and d2_comm.gather("y") == ["y"]  # world size 1
     finally:
         C.unpatch_detectron2()
-    assert (d2_comm.all_gather, d2_comm.gather, d2_comm._get_global_gloo_group) == originals
+    assert _comm_functions() == originals
 
 
 def test_ddp_device_ids():
@@ -70,6 +79,7 @@ def test_two_cpu_workers_gloo(tmp_path):
         assert res["ddp_type"] == "DistributedDataParallel" and res["ddp_device_ids"] is None
         assert res["ddp_broadcast_buffers"] is False and res["grads_equal"]
         assert res["num_threads"] >= 1
+        assert res["patched"] is False  # gloo: Detectron2's own collectives
     assert r0["gather"] == [0, 10] and r1["gather"] == []
 
 

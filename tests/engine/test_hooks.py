@@ -5,7 +5,8 @@ import logging
 import pytest
 from detectron2.engine import TrainerBase
 
-from fsaf_d2.engine.hooks import DeviceMetricPrinter, ThroughputHook, format_summary, summarize_run
+from fsaf_d2.engine.hooks import DeviceMetricPrinter, ThroughputHook
+from fsaf_d2.engine.summary import format_summary, summarize_run
 
 
 class _Loop(TrainerBase):

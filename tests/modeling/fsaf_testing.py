@@ -1,28 +1,26 @@
 """Shared helpers of the modeling tests: a tiny FSAF config and synthetic inputs."""
 import torch
-from detectron2.config import get_cfg
 from detectron2.structures import Boxes, Instances
 
-import fsaf_d2
+from helpers import make_cfg
 
 CONFIG = "configs/fsaf_R50_FPN_1x.yaml"
 
+#: FSAF on a ResNet-18, BN (FrozenBN with random weights diverges), 64 FPN channels, 3 classes, CPU
+TINY_MODEL_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", 64,
+    "MODEL.FSAF.NUM_CLASSES", 3,
+]
+
 
 def tiny_cfg(config_file=CONFIG, **overrides):
-    """FSAF on a ResNet-18, BN (FrozenBN with random weights diverges), 3 classes, CPU."""
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.NORM = "BN"
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.FSAF.NUM_CLASSES = 3
-    for k, v in overrides.items():
-        cfg.merge_from_list([k, v])
-    return cfg
+    """``config_file`` with :data:`TINY_MODEL_OPTS`, then ``overrides`` ({"A.B": value})."""
+    return make_cfg(config_file, TINY_MODEL_OPTS, **overrides)
 
 
 def make_input(h, w, boxes, classes, seed=0, height=None, width=None):
@@ -36,5 +34,3 @@ def make_input(h, w, boxes, classes, seed=0, height=None, width=None):
         "height": height or h,
         "width": width or w,
     }
-
-

@@ -74,8 +74,7 @@ def test_batch_padding_locations_are_excluded(batch):
     model = build()
     model.train()
     images = model.preprocess_image(batch)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
+    feats, _ = model.features_and_predictions(images.tensor)
     _, _, sizes, valid = model.prior_layout(images, feats)
     # image 0 is 96x128 in a 128x128 batch: at stride 8 its rows 12..15 are padding
     level0 = valid[0, : sizes[0]].view(16, 16)
@@ -103,10 +102,8 @@ def test_no_host_syncs_in_assignment_selection_and_losses(batch):
     model = build()
     model.train()
     images = model.preprocess_image(batch)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
-    preds = model.head(feats)
-    gt = model._ground_truth(batch)
+    feats, preds = model.features_and_predictions(images.tensor)
+    gt = model.padded_ground_truth([x["instances"] for x in batch])
     assert count_host_syncs(lambda: model.losses(images, feats, preds, *gt)) == 0
     assert count_host_syncs(lambda: model.head(feats)) == 0
 
@@ -150,10 +147,9 @@ def test_max_gt_overflow_names_the_key(batch):
         model(batch)
     # DenseDetector's forward_training entry point applies the same rule
     images = model.preprocess_image(batch)
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
+    feats, preds = model.features_and_predictions(images.tensor)
     with pytest.raises(ValueError, match="MODEL.FSAF.MAX_GT"):
-        model.forward_training(images, feats, model.head(feats), [x["instances"] for x in batch])
+        model.forward_training(images, feats, preds, [x["instances"] for x in batch])
 
 
 def test_fixed_size_choice():

@@ -56,7 +56,7 @@ def test_static_batch_has_fixed_shapes():
     batch = full_and_empty_batch()
     images = static.preprocess_image(batch)
     assert tuple(images.tensor.shape[-2:]) == (128, 160)  # landscape bucket, not the 128x128 batch max
-    boxes, labels, valid, ignore = static._ground_truth(batch)
+    boxes, labels, valid, ignore = static.padded_ground_truth([x["instances"] for x in batch])
     assert boxes.shape == (3, MAX_GT, 4) and valid.sum(dim=1).tolist() == [5, 0, 1] and ignore is None
 
 
@@ -65,10 +65,8 @@ def test_losses_do_not_depend_on_padding_slots():
     _, static = pair()
     batch = full_and_empty_batch()
     images = static.preprocess_image(batch)
-    feats = static.backbone(images.tensor)
-    feats = [feats[f] for f in static.head_in_features]
-    preds = static.head(feats)
-    boxes, labels, valid, _ = static._ground_truth(batch)
+    feats, preds = static.features_and_predictions(images.tensor)
+    boxes, labels, valid, _ = static.padded_ground_truth([x["instances"] for x in batch])
     wide = [torch.cat([t, torch.zeros_like(t)], dim=1) for t in (boxes, labels, valid)]
     a = static.losses(images, feats, preds, boxes, labels, valid)
     b = static.losses(images, feats, preds, *wide)
@@ -102,7 +100,7 @@ def test_compiled_static_loss_has_no_graph_break():
     logits = torch.cat(logits, 1).detach()
     deltas = torch.cat(deltas, 1).detach()
     priors, level, sizes, valid = static.prior_layout(images, feats)
-    gt = static._ground_truth(batch)[:3]
+    gt = static.padded_ground_truth([x["instances"] for x in batch])[:3]
 
     def loss_fn(logits, deltas, boxes, labels, gt_valid):
         out = fsaf_losses(logits, deltas, priors, sizes, level, valid, boxes, labels, gt_valid, box_coder=static.box_coder)

@@ -28,7 +28,9 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [HERE, os.path.dirname(HERE)]  # pytest does this; run as a script (main()) it is needed
+from helpers import make_cfg  # noqa: E402
 from mmdet_fixture import FIXTURE, load_fixture, mmdet_checkpoint, mmdet_state_dict  # noqa: E402
 from tools_testing import tool_command, tool_env  # noqa: E402
 
@@ -46,49 +48,38 @@ pytestmark = pytest.mark.skipif(not os.path.isfile(FIXTURE), reason=f"parity fix
 
 # ---------------------------------------------------------------------------------------------- helpers
 def fsaf_cfg(fixture, **overrides):
-    """fsaf_d2 config matching the fixture's mmdet model (docs/algorithm.md#mmdetection-checkpoint-names)."""
-    from detectron2.config import get_cfg
-
-    import fsaf_d2
-
+    """fsaf_d2 config matching the fixture's mmdet model (docs/algorithm.md#mmdetection-checkpoint-names); ``overrides`` {"A.B": value}."""
     m = fixture["model"]
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    cfg.merge_from_file(os.path.join(REPO, "configs", "Base-FSAF.yaml"))
-    cfg.MODEL.META_ARCHITECTURE = "FSAF"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.RESNETS.DEPTH = m["depth"]
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
-    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
-    cfg.MODEL.RESNETS.NORM = "FrozenBN"
-    cfg.MODEL.FPN.OUT_CHANNELS = m["fpn_channels"]
-    cfg.MODEL.FSAF.NUM_CLASSES = m["num_classes"]
-    cfg.MODEL.FSAF.TOP_BLOCK_P7_RELU = False
-    cfg.MODEL.FSAF.POS_SCALE = m["train_cfg"]["pos_scale"]
-    cfg.MODEL.FSAF.NEG_SCALE = m["train_cfg"]["neg_scale"]
-    cfg.MODEL.FSAF.MIN_POS_IOF = m["train_cfg"]["min_pos_iof"]
-    cfg.MODEL.FSAF.LOSS_NORMALIZER = "exact"
-    cfg.MODEL.FSAF.CROWD_AS_IGNORE = False
-    cfg.MODEL.FSAF.TOPK_RULE = "pairs"  # mmdet >= 2.18
-    cfg.MODEL.PIXEL_MEAN = list(m["pixel_mean"])
-    cfg.MODEL.PIXEL_STD = list(m["pixel_std"])
-    cfg.INPUT.FORMAT = "RGB"
     test = m["test_cfg"]
-    cfg.MODEL.FSAF.SCORE_THRESH_TEST = test["score_thr"]
-    cfg.MODEL.FSAF.TOPK_CANDIDATES_TEST = test["nms_pre"]
-    cfg.MODEL.FSAF.NMS_THRESH_TEST = test["nms_iou"]
-    cfg.TEST.DETECTIONS_PER_IMAGE = test["max_per_img"]
-    # the reference's NCHW convolutions: same accumulation order, so detections match one to one; the
-    # default channels_last layout is compared in test_channels_last_layout_stays_within_rounding
-    cfg.MODEL.FSAF.MEMORY_FORMAT = "contiguous"
-    for k, v in overrides.items():
-        node = cfg
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return cfg
+    opts = [
+        "MODEL.META_ARCHITECTURE", "FSAF",
+        "MODEL.DEVICE", "cpu",
+        "MODEL.WEIGHTS", "",
+        "MODEL.RESNETS.DEPTH", m["depth"],
+        "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+        "MODEL.RESNETS.STRIDE_IN_1X1", False,
+        "MODEL.RESNETS.NORM", "FrozenBN",
+        "MODEL.FPN.OUT_CHANNELS", m["fpn_channels"],
+        "MODEL.FSAF.NUM_CLASSES", m["num_classes"],
+        "MODEL.FSAF.TOP_BLOCK_P7_RELU", False,
+        "MODEL.FSAF.POS_SCALE", m["train_cfg"]["pos_scale"],
+        "MODEL.FSAF.NEG_SCALE", m["train_cfg"]["neg_scale"],
+        "MODEL.FSAF.MIN_POS_IOF", m["train_cfg"]["min_pos_iof"],
+        "MODEL.FSAF.LOSS_NORMALIZER", "exact",
+        "MODEL.FSAF.CROWD_AS_IGNORE", False,
+        "MODEL.FSAF.TOPK_RULE", "pairs",  # mmdet >= 2.18
+        "MODEL.PIXEL_MEAN", list(m["pixel_mean"]),
+        "MODEL.PIXEL_STD", list(m["pixel_std"]),
+        "INPUT.FORMAT", "RGB",
+        "MODEL.FSAF.SCORE_THRESH_TEST", test["score_thr"],
+        "MODEL.FSAF.TOPK_CANDIDATES_TEST", test["nms_pre"],
+        "MODEL.FSAF.NMS_THRESH_TEST", test["nms_iou"],
+        "TEST.DETECTIONS_PER_IMAGE", test["max_per_img"],
+        # the reference's NCHW convolutions: same accumulation order, so detections match one to one; the
+        # default channels_last layout is compared in test_channels_last_layout_stays_within_rounding
+        "MODEL.FSAF.MEMORY_FORMAT", "contiguous",
+    ]
+    return make_cfg("configs/Base-FSAF.yaml", opts, **overrides)
 
 
 def load_converted(model, path):
@@ -257,13 +248,11 @@ def compare_case(model, case):
     res["input max abs diff"] = (pre.tensor - case["batch"]).abs().max().item() if pre.tensor.shape == case["batch"].shape else math.inf
     res["input image sizes equal"] = [tuple(s) for s in pre.image_sizes] == [tuple(s) for s in case["image_sizes"]]
 
-    feats = model.backbone(images.tensor)
-    feats = [feats[f] for f in model.head_in_features]
+    feats, (logits, deltas) = model.features_and_predictions(images.tensor)
     res["FPN features max abs diff"] = max((a - b).abs().max().item() for a, b in zip(feats, case["features"]))
     res["FPN features max rel diff"] = max(
         ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item() for a, b in zip(feats, case["features"])
     )
-    logits, deltas = model.head(feats)
     res["cls logits max abs diff"] = max((a - b).abs().max().item() for a, b in zip(logits, case["cls_logits"]))
     res["reg (after ReLU) max abs diff"] = max((a - b).abs().max().item() for a, b in zip(deltas, case["bbox_reg"]))
 
@@ -516,9 +505,8 @@ def alt_detection_reports(fixture, converted, **changes):
     with torch.no_grad():
         for case in fixture["cases"]:
             images = ImageList(case["batch"], [tuple(s) for s in case["image_sizes"]])
-            feats = m.backbone(images.tensor)
-            feats = [feats[f] for f in m.head_in_features]
-            dets = m.forward_inference(images, feats, m.head(feats))
+            feats, predictions = m.features_and_predictions(images.tensor)
+            dets = m.forward_inference(images, feats, predictions)
             reports[case["name"]] = compare_detections(dets, case["detections_alt"], thresh, "alt")
     return reports
 

@@ -8,7 +8,8 @@ What it imitates (see docs/devices.md for what the real package does):
 * ``torch_npu.optim.NpuFusedSGD`` (plain SGD plus ``clip_grad_norm_fused_``);
 * with ``FAKE_NPU_REGISTER_DEVICE=1``: the privateuse1 backend renamed to "npu" and ``torch.npu``
   registered, so ``torch.device("npu:0")`` parses (spawned workers only: it is process-wide);
-* an "hccl" process-group backend (gloo underneath) whose ``gather`` raises like ProcessGroupHCCL.
+* an "hccl" process-group backend (gloo underneath) whose ``gather`` raises like ProcessGroupHCCL (on
+  an hccl group only: a gloo side group gathers as usual).
 
 Every call is appended as one JSON line to ``$FAKE_TORCH_NPU_LOG`` (if set) and to ``EVENTS``.
 Environment: ``FAKE_NPU_DEVICE_COUNT`` (default 8), ``FAKE_NPU_BF16`` (default 1),
@@ -173,7 +174,8 @@ if not getattr(dist.init_process_group, "_fake_npu", False):
 
     def _no_gather(real):
         def wrapper(*args, **kwargs):
-            if dist.get_backend() == "hccl":
+            group = kwargs.get("group", args[3] if len(args) > 3 else None)  # gather(_object)(x, out, dst, group)
+            if dist.get_backend(group) == "hccl":
                 _record("gather")
                 raise RuntimeError("ProcessGroupHCCL does not support gather")
             return real(*args, **kwargs)

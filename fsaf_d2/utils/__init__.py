@@ -1,0 +1,1 @@
+"""Small helpers shared by the engine, the data code and the tools."""
