@@ -17,6 +17,7 @@ from detectron2.utils.events import EventStorage
 from .engine import device as dev
 
 __all__ = [
+    "TINY_MODEL_OPTS",
     "PHASES",
     "synthetic_batch",
     "training_input",
@@ -32,6 +33,17 @@ __all__ = [
 ]
 
 #: profiler ranges of an FSAF training step: the model's own ("fsaf.*") and those of the benchmark ("bench.*")
+#: config opts of a small FSAF for CPU checks: ResNet-18 with BN (FrozenBN with random weights diverges),
+#: 64 FPN channels, 3 classes, random weights, CPU (used by tools/compile_report.py and the tests)
+TINY_MODEL_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "MODEL.WEIGHTS", "",
+    "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
+    "MODEL.RESNETS.NORM", "BN",
+    "MODEL.FPN.OUT_CHANNELS", 64,
+    "MODEL.FSAF.NUM_CLASSES", 3,
+]
 PHASES = (
     "fsaf.preprocess",
     "fsaf.backbone",

@@ -14,22 +14,12 @@ import os
 import torch
 from detectron2.modeling import build_model
 
-from fsaf_d2.benchmarking import training_input
+from fsaf_d2.benchmarking import TINY_MODEL_OPTS, training_input
 from fsaf_d2.engine import build_config
 from fsaf_d2.modeling.losses import fsaf_losses
 
 #: the repository's configs/, next to tools/
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-#: a small FSAF: ResNet-18, BN (FrozenBN with random weights diverges), 3 classes, CPU
-TINY_OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", 64,
-    "MODEL.FSAF.NUM_CLASSES", 3,
-]
 
 
 def report(name, fn, *args):
@@ -52,7 +42,7 @@ def main():
     batch = [training_input(h - 32 * (i % 2), w, two_boxes, [0, 2], seed=i) for i in range(args.batch)]
     for mode, opts in (("static", ["INPUT.FIXED_SIZES", [[h, w], [w, h]], "MODEL.FSAF.MAX_GT", 8]), ("dynamic", [])):
         torch.manual_seed(0)
-        model = build_model(build_config(args.config_file, TINY_OPTS + opts)).train()
+        model = build_model(build_config(args.config_file, TINY_MODEL_OPTS + opts)).train()
         images = model.preprocess_image(batch)
         gt = model.padded_ground_truth([x["instances"] for x in batch])[:3]
         feats, head_outputs = model.features_and_predictions(images.tensor)

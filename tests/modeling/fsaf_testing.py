@@ -1,21 +1,10 @@
 """Shared helpers of the modeling tests: a tiny FSAF config and synthetic inputs."""
-import torch
-from detectron2.structures import Boxes, Instances
 
 from helpers import make_cfg
 
-CONFIG = "configs/fsaf_R50_FPN_1x.yaml"
+from fsaf_d2.benchmarking import TINY_MODEL_OPTS, training_input
 
-#: FSAF on a ResNet-18, BN (FrozenBN with random weights diverges), 64 FPN channels, 3 classes, CPU
-TINY_MODEL_OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "MODEL.WEIGHTS", "",
-    "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64,
-    "MODEL.RESNETS.NORM", "BN",
-    "MODEL.FPN.OUT_CHANNELS", 64,
-    "MODEL.FSAF.NUM_CLASSES", 3,
-]
+CONFIG = "configs/fsaf_R50_FPN_1x.yaml"
 
 
 def tiny_cfg(config_file=CONFIG, **overrides):
@@ -24,13 +13,7 @@ def tiny_cfg(config_file=CONFIG, **overrides):
 
 
 def make_input(h, w, boxes, classes, seed=0, height=None, width=None):
-    g = torch.Generator().manual_seed(seed)
-    inst = Instances((h, w))
-    inst.gt_boxes = Boxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.gt_classes = torch.tensor(classes, dtype=torch.int64)
-    return {
-        "image": torch.rand(3, h, w, generator=g) * 255,
-        "instances": inst,
-        "height": height or h,
-        "width": width or w,
-    }
+    """:func:`fsaf_d2.benchmarking.training_input`, with "height" / "width" (the size to rescale
+    detections to) optionally other than the image's."""
+    x = training_input(h, w, boxes, classes, seed)
+    return dict(x, height=height or h, width=width or w)
