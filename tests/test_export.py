@@ -169,10 +169,12 @@ def test_combined_model_traces_and_scripts(tmp_path):
 
 
 def test_folded_frozen_bn_model_scripts_and_exports_to_onnx(tmp_path):
-    """FrozenBN (the R50 configs' norm) folded into the convolutions, channels-last (the cpu default)."""
+    """FrozenBN (the R50 configs' norm) folded into the convolutions, channels-last (the default on cuda
+    and on AVX-512 CPUs)."""
     from fsaf_d2.modeling.frozen_bn import FrozenBNFoldedConv2d
 
-    model = build(**{"MODEL.RESNETS.NORM": "FrozenBN", "MODEL.FSAF.FOLD_FROZEN_BN": True})
+    model = build(**{"MODEL.RESNETS.NORM": "FrozenBN", "MODEL.FSAF.FOLD_FROZEN_BN": True,
+                     "MODEL.FSAF.MEMORY_FORMAT": "channels_last"})
     assert any(type(m) is FrozenBNFoldedConv2d for m in model.backbone.modules())
     assert model.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
     img = image(0)

@@ -9,6 +9,8 @@ engine in Detectron2's namespaces (``SOLVER``, ``DATALOADER``) and the ``NPU`` r
 """
 from typing import Sequence
 
+import torch
+
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -97,18 +99,32 @@ def apply_static_shape_defaults(cfg):
     return changed
 
 
-def resolve_memory_format(choice: str, device) -> str:
+#: torch CPU capabilities (``torch.backends.cpu.get_cpu_capability()``) whose channels-last convolutions
+#: measured faster than NCHW, paired (tools/benchmark_layout.py, docs/benchmarks.md#conv-layout-per-cpu-kind):
+#: on a 2-core AMD EPYC Zen 4 with AVX-512, 0.87x the NCHW step of the quickstart model and 0.92x of R-50;
+#: on a 2-core AMD EPYC with AVX2 only, R-50's channels-last step took 1.14x the NCHW one.
+CHANNELS_LAST_CPU_CAPABILITIES = ("AVX512", "AVX512_BF16", "AMX")
+
+
+def resolve_memory_format(choice: str, device, cpu_capability: str = "") -> str:
     """``MODEL.FSAF.MEMORY_FORMAT`` for ``MODEL.DEVICE`` -> "channels_last" or "contiguous".
 
-    "auto": channels_last on cpu and cuda (oneDNN and cuDNN have NHWC convolutions; measured in
-    docs/benchmarks.md), contiguous (NCHW) on npu, whose adapter has no channels_last.
+    "auto": channels_last on cuda (cuDNN's NHWC convolutions); on cpu channels_last where oneDNN's NHWC
+    kernels measured faster, i.e. with AVX-512 (``cpu_capability``, default: this machine's
+    ``torch.backends.cpu.get_cpu_capability()``, in :data:`CHANNELS_LAST_CPU_CAPABILITIES`), NCHW on
+    AVX2-only CPUs; contiguous (NCHW) on npu, whose adapter has no channels_last.
     "channels_last" / "contiguous" force one; channels_last on npu is refused, naming the key.
     """
     check_choice("MODEL.FSAF.MEMORY_FORMAT", choice)
-    npu = _device_type(device) == "npu"
+    device_type = _device_type(device)
     if choice == "auto":
-        return "contiguous" if npu else "channels_last"
-    if choice == "channels_last" and npu:
+        if device_type == "npu":
+            return "contiguous"
+        if device_type == "cpu":
+            capability = cpu_capability or torch.backends.cpu.get_cpu_capability()
+            return "channels_last" if capability in CHANNELS_LAST_CPU_CAPABILITIES else "contiguous"
+        return "channels_last"
+    if choice == "channels_last" and device_type == "npu":
         raise ValueError(
             "MODEL.FSAF.MEMORY_FORMAT='channels_last' is not supported on npu (torch_npu has no "
             "channels_last); use 'auto' or 'contiguous'"

@@ -5,7 +5,12 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 from fsaf_d2.config import validate_fsaf_config
-from fsaf_d2.engine.config import apply_device_rules, build_config, resolve_memory_format
+from fsaf_d2.engine.config import (
+    CHANNELS_LAST_CPU_CAPABILITIES,
+    apply_device_rules,
+    build_config,
+    resolve_memory_format,
+)
 
 from fsaf_testing import CONFIG, tiny_cfg
 
@@ -61,8 +66,12 @@ def _conv_weights(model):
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-def test_auto_resolves_per_device_type():
-    assert resolve_memory_format("auto", "cpu") == "channels_last"
+def test_auto_resolves_per_device_type_and_cpu_kind():
+    assert resolve_memory_format("auto", "cpu", cpu_capability="AVX512") == "channels_last"
+    assert resolve_memory_format("auto", "cpu", cpu_capability="AVX2") == "contiguous"  # measured slower
+    assert resolve_memory_format("auto", "cpu") == (
+        "channels_last" if torch.backends.cpu.get_cpu_capability() in CHANNELS_LAST_CPU_CAPABILITIES else "contiguous"
+    )
     assert resolve_memory_format("auto", "cuda:0") == "channels_last"
     assert resolve_memory_format("auto", "npu:3") == "contiguous"  # torch_npu has no channels_last
     assert resolve_memory_format("contiguous", "cpu") == "contiguous"
@@ -73,7 +82,8 @@ def test_auto_resolves_per_device_type():
 
 def test_the_config_builder_resolves_auto_and_the_model_applies_only_an_explicit_layout():
     cpu = build_config(CONFIG, ["MODEL.DEVICE", "cpu"])
-    assert cpu.MODEL.FSAF.MEMORY_FORMAT == "channels_last"
+    assert cpu.MODEL.FSAF.MEMORY_FORMAT == resolve_memory_format("auto", "cpu")
+    assert build_config(CONFIG, ["MODEL.DEVICE", "cuda"]).MODEL.FSAF.MEMORY_FORMAT == "channels_last"
     assert build_config(CONFIG, ["MODEL.DEVICE", "npu:0"]).MODEL.FSAF.MEMORY_FORMAT == "contiguous"
     with pytest.raises(ValueError, match="MODEL.FSAF.MEMORY_FORMAT"):
         build_config(CONFIG, ["MODEL.DEVICE", "npu", "MODEL.FSAF.MEMORY_FORMAT", "channels_last"])
@@ -94,8 +104,9 @@ def test_every_conv_weight_takes_the_layout():
     # (a 1x1 kernel has the same strides in both layouts)
     assert all(not w.is_contiguous() for w in _conv_weights(last) if w.shape[-1] > 1)
     assert all(w.is_contiguous() for w in _conv_weights(plain))
-    auto = _build("auto", device_rules=True)  # as train_net.py and the tools build it, on cpu
-    assert auto.head.cls_score.weight.is_contiguous(memory_format=torch.channels_last)
+    auto = _build("auto", device_rules=True)  # as train_net.py and the tools build it, on this cpu
+    layout = torch.channels_last if resolve_memory_format("auto", "cpu") == "channels_last" else torch.contiguous_format
+    assert auto.head.cls_score.weight.is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("combined", [False, True], ids=["fsaf", "fsaf+retinanet"])
