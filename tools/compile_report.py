@@ -62,7 +62,8 @@ def main():
             return loss_from_head(torch.cat(logits, 1), torch.cat(deltas, 1), boxes, labels, gt_valid, layout)
 
         def layout_of(images):
-            return model.prior_layout(images, model.features_and_predictions(images.tensor)[0])
+            f = model.backbone(images.tensor)  # prior layout needs only the feature shapes: no head
+            return model.prior_layout(images, [f[k] for k in model.head_in_features])
 
         logits, deltas = model._transpose_dense_predictions(head_outputs[:2], [model.num_classes, 4])
         report(f"{mode}: assignment + selection + losses", loss_from_head,
