@@ -6,6 +6,8 @@ machine drift hits all of them alike (:func:`time_alternating`), the per-phase b
 (:func:`phase_breakdown`, the ``record_function`` ranges in :data:`PHASES`) and the combination of repeated
 rounds (:func:`combine_rounds`, :func:`round_ratios`). Times are seconds, sizes (H, W) pixels.
 """
+import os
+import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -30,6 +32,7 @@ __all__ = [
     "phase_breakdown",
     "round_ratios",
     "combine_rounds",
+    "machine_description",
 ]
 
 #: profiler ranges of an FSAF training step: the model's own ("fsaf.*") and those of the benchmark ("bench.*")
@@ -223,3 +226,30 @@ def combine_rounds(rounds: List[List[Dict]]) -> List[Dict]:
         r["train_loss_finite"] = all(x["train_loss_finite"] for x in per_model)
         combined.append(r)
     return combined
+
+
+def machine_description() -> Dict[str, object]:
+    """What a CPU figure depends on: the CPU model and its vector extensions as the kernels see them
+    (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` can lower), cores, torch."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and model != "unknown":
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "avx512f": "avx512f" in flags,
+        "avx2": "avx2" in flags,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }

@@ -68,6 +68,12 @@ def add_fsaf_config(cfg):
     # "locations": top-k locations by their max class score, threshold afterwards (mmdet < 2.18,
     # the rule the published 37.4 AP checkpoint was evaluated with)
     _C.MODEL.FSAF.TOPK_RULE = "pairs"
+    # boxes (clipped, in input-image pixels) not wider and taller than this are dropped before NMS, so
+    # that they take no place among TEST.DETECTIONS_PER_IMAGE: mmdet >= 3.0's min_bbox_size, 0 for FSAF
+    # (zero-width / zero-height boxes go). Negative: no filter before NMS (mmdet 2.x); Detectron2's
+    # postprocessing still removes empty boxes afterwards. Applies to the combined model's anchor-based
+    # candidates too.
+    _C.MODEL.FSAF.MIN_BOX_SIZE_TEST = 0.0
     # static shapes (NPU / torch.compile): pad ground truth of every image to MAX_GT boxes with a
     # validity mask (0 = pad to the largest image of the batch, dynamic). An image with more boxes
     # fails with an error naming this key. On npu, 0 means fsaf_d2.engine.config.NPU_DEFAULT_MAX_GT

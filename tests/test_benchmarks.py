@@ -88,3 +88,25 @@ def test_data_benchmark_times_the_training_loader(tmp_path):
     assert r["images_per_sec"] > 0
     # the R50 config's resize (reference): shortest edge 800, longest at most 1333: 120x160 -> 800x1067
     assert r["mean_output_hw"] == [800.0, 1067.0]
+
+
+@pytest.mark.timeout(600)
+def test_inference_benchmark_loads_post_processing_like_a_trained_model(tmp_path):
+    """The calibrated classifiers put about --candidates pairs above 0.05 per image for both models, so NMS
+    has real work; counts, detections and the machine are reported next to the times."""
+    benchmark_inference = load_tool("benchmark_inference")
+    out = tmp_path / "inference.json"
+    rc = benchmark_inference.main(
+        ["--batches", "1", "2", "--size", "96x128", "--depth", "18", "--iters", "1", "--warmup", "0",
+         "--candidates", "400", "--threads", "1", "--out", str(out)]
+    )
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [(r["model"], r["batch"]) for r in data["results"]] == [
+        ("fsaf", 1), ("retinanet", 1), ("fsaf", 2), ("retinanet", 2)
+    ]
+    for r in data["results"]:
+        assert 390 <= r["pairs_above_thresh_per_image"] <= 410, r
+        assert 0 < r["nms_candidates_per_image"] <= r["pairs_above_thresh_per_image"]
+        assert r["detections_per_image"] == 100 and r["images_per_sec"] > 0 and r["postprocess_ms_per_call"] > 0
+    assert data["machine"]["cpu_capability"] and data["machine"]["cpu"]

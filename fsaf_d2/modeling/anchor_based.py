@@ -5,7 +5,8 @@ model runs those (its head also produces the anchor-based outputs) and hands thi
 logits and deltas. Everything else is RetinaNet's, inherited unchanged: its anchors
 (``MODEL.ANCHOR_GENERATOR``), ``Matcher`` and ``Box2BoxTransform`` (``MODEL.RETINANET.*``), and its
 training hook ``forward_training`` (anchor labelling, focal + smooth-L1/GIoU losses, EMA normaliser).
-Only the candidates before NMS are new: the combined model merges them with FSAF's before its own NMS.
+Only the candidates before NMS are new, decoded for the whole batch at once: the combined model merges
+them with FSAF's before its own NMS.
 """
 from typing import List, Tuple
 
@@ -15,8 +16,9 @@ from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
-from detectron2.structures import Instances
 from torch import Tensor
+
+from .inference import clip_boxes, gather_rows, multi_level_candidates, usable_boxes
 
 __all__ = ["AnchorBasedBranch"]
 
@@ -60,21 +62,27 @@ class AnchorBasedBranch(RetinaNet):
         raise NotImplementedError("AnchorBasedBranch runs inside the combined FSAF model only")
 
     def candidates(
-        self, features: List[Tensor], logits: List[Tensor], deltas: List[Tensor], image_sizes: List[Tuple[int, int]]
-    ) -> List[Instances]:
-        """Per image, the thresholded top-k candidates of every level (boxes clipped), before NMS."""
+        self,
+        features: List[Tensor],
+        logits: List[Tensor],
+        deltas: List[Tensor],
+        image_sizes: Tensor,
+        min_box_size: float,
+    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The batch's candidates before NMS, as :func:`fsaf_d2.modeling.inference.multi_level_candidates`
+        gives them: RetinaNet's rule (threshold, then the top-k (anchor, class) pairs of every level),
+        decoded by its ``Box2BoxTransform`` and clipped to ``image_sizes`` (N, 2) (height, width).
+
+        Returns:
+            boxes (N, K, 4), scores (N, K), classes (N, K), valid (N, K): valid also requires a finite box
+            wider and taller than ``min_box_size`` (see :func:`fsaf_d2.modeling.inference.usable_boxes`).
+        """
         pred_logits, pred_deltas = self._transpose_dense_predictions([logits, deltas], [self.num_classes, 4])
-        anchors = self.anchor_generator(features)
-        out: List[Instances] = []
-        for i, image_size in enumerate(image_sizes):
-            pred = self._decode_multi_level_predictions(
-                anchors,
-                [x[i].sigmoid() for x in pred_logits],
-                [x[i] for x in pred_deltas],
-                self.test_score_thresh,
-                self.test_topk_candidates,
-                image_size,
-            )
-            pred.pred_boxes.clip(image_size)
-            out.append(pred)
-        return out
+        anchors = torch.cat([a.tensor for a in self.anchor_generator(features)])
+        scores, locations, classes, valid = multi_level_candidates(
+            pred_logits, self.test_score_thresh, self.test_topk_candidates, "pairs"
+        )
+        picked = gather_rows(torch.cat(pred_deltas, dim=1), locations).float()
+        boxes = self.box2box_transform.apply_deltas(picked.reshape(-1, 4), anchors[locations].reshape(-1, 4))
+        boxes = clip_boxes(boxes.reshape(picked.shape), image_sizes)
+        return boxes, scores, classes, valid & usable_boxes(boxes, min_box_size)

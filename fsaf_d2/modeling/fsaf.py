@@ -16,7 +16,7 @@ from .anchor_based import AnchorBasedBranch
 from .box_coder import TBLRBoxCoder, tblr_decode
 from .frozen_bn import fold_frozen_batchnorm
 from .head import FSAFHead
-from .inference import merge_levels, select_level_candidates
+from .inference import clip_boxes, detections_per_image, gather_rows, multi_level_candidates, usable_boxes
 from .losses import FSAFLossSettings, fsaf_losses
 from .priors import PointPriors, point_prior_grid
 
@@ -85,6 +85,7 @@ class FSAF(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.5,
         test_topk_rule: str = "pairs",
+        test_min_box_size: float = 0.0,
         max_detections_per_image: int = 100,
         max_gt: int = 0,
         fixed_sizes: Sequence[Sequence[int]] = (),
@@ -111,6 +112,7 @@ class FSAF(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.test_topk_rule = check_choice("MODEL.FSAF.TOPK_RULE", test_topk_rule)
+        self.test_min_box_size = float(test_min_box_size)
         self.max_detections_per_image = max_detections_per_image
         self.max_gt = max_gt
         self.fixed_sizes = [tuple(int(v) for v in s) for s in fixed_sizes]
@@ -149,6 +151,7 @@ class FSAF(DenseDetector):
             "test_topk_candidates": f.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": f.NMS_THRESH_TEST,
             "test_topk_rule": f.TOPK_RULE,
+            "test_min_box_size": f.MIN_BOX_SIZE_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "max_gt": f.MAX_GT,
             "fixed_sizes": cfg.INPUT.FIXED_SIZES,
@@ -337,27 +340,30 @@ class FSAF(DenseDetector):
         else:
             level_priors = self.priors.level_priors(shapes, self.device)
             normalizer = self.box_coder.normalizer
-        ab_candidates: Optional[List[Instances]] = None
+        scores, locations, classes, valid = multi_level_candidates(
+            logits, self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule
+        )
+        boxes = tblr_decode(
+            gather_rows(torch.cat(deltas, dim=1), locations).float(), torch.cat(level_priors)[locations], normalizer
+        )
+        # built on the host and sent without waiting (no sync): the clip limits of every image
+        image_sizes = torch.tensor([[h, w] for h, w in images.image_sizes]).to(boxes.device, non_blocking=True)
+        boxes = clip_boxes(boxes, image_sizes)
+        valid = valid & usable_boxes(boxes, self.test_min_box_size)
         if self.anchor_based is not None:
-            ab_candidates = self.anchor_based.candidates(features, predictions[2], predictions[3], images.image_sizes)
+            ab = self.anchor_based.candidates(
+                features, predictions[2], predictions[3], image_sizes, self.test_min_box_size
+            )
+            boxes, scores = torch.cat([ab[0], boxes], 1), torch.cat([ab[1], scores], 1)
+            classes, valid = torch.cat([ab[2], classes], 1), torch.cat([ab[3], valid], 1)
+        per_image = detections_per_image(
+            boxes, scores, classes, valid, self.test_nms_thresh, self.max_detections_per_image
+        )
         results: List[Instances] = []
-        for i, image_size in enumerate(images.image_sizes):
-            per_level: List[Tuple[Tensor, Tensor, Tensor]] = []
-            if ab_candidates is not None:
-                c = ab_candidates[i]
-                per_level.append((c.pred_boxes.tensor, c.scores, c.pred_classes))
-            for lvl_logits, lvl_deltas, lvl_priors in zip(logits, deltas, level_priors):
-                scores, loc, cls = select_level_candidates(
-                    lvl_logits[i].sigmoid(), self.test_score_thresh, self.test_topk_candidates, self.test_topk_rule
-                )
-                boxes = tblr_decode(
-                    lvl_deltas[i][loc].float(), lvl_priors[loc], normalizer, image_size
-                )
-                per_level.append((boxes, scores, cls))
-            boxes, scores, classes = merge_levels(per_level, self.test_nms_thresh, self.max_detections_per_image)
+        for (b, s, c), image_size in zip(per_image, images.image_sizes):
             result = Instances(image_size)
-            result.pred_boxes = Boxes(boxes)
-            result.scores = scores
-            result.pred_classes = classes
+            result.pred_boxes = Boxes(b)
+            result.scores = s
+            result.pred_classes = c
             results.append(result)
         return results

@@ -62,3 +62,21 @@ def test_inference_keeps_detections_of_a_single_scoring_branch():
     model.anchor_based = None
     ref = _detect(model)
     assert torch.allclose(inst.scores, ref.scores) and torch.allclose(inst.pred_boxes.tensor, ref.pred_boxes.tensor)
+
+
+def test_anchor_based_candidates_outside_the_image_are_dropped_before_nms():
+    """A 96x128 image in a batch padded to 192x256: the anchors of the padding are clipped to zero width or
+    height, and (MODEL.FSAF.MIN_BOX_SIZE_TEST 0, as for FSAF's own boxes) never become candidates."""
+    model = build().eval()
+    with torch.no_grad():
+        model.head.ab_cls_score.bias.fill_(2.0)
+        images = model.preprocess_image([make_input(96, 128, [], []), make_input(192, 256, [], [], seed=1)])
+        features, predictions = model.features_and_predictions(images.tensor)
+        sizes = torch.tensor(images.image_sizes)
+        boxes, scores, _, valid = model.anchor_based.candidates(features, predictions[2], predictions[3], sizes, 0.0)
+        _, _, _, unfiltered = model.anchor_based.candidates(features, predictions[2], predictions[3], sizes, -1.0)
+    width, height = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    assert ((width > 0) & (height > 0))[valid].all()
+    assert (unfiltered[0] & ~valid[0]).sum() > 100  # image 0: many empty boxes in the padding
+    assert torch.equal(unfiltered[1], valid[1])  # image 1 fills the batch: nothing lies outside it
+    assert (boxes[0][valid[0]][:, 2:] <= torch.tensor([128.0, 96.0])).all()

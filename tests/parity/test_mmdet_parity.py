@@ -68,6 +68,7 @@ def fsaf_cfg(fixture, **overrides):
         "MODEL.FSAF.LOSS_NORMALIZER", "exact",
         "MODEL.FSAF.CROWD_AS_IGNORE", False,
         "MODEL.FSAF.TOPK_RULE", "pairs",  # mmdet >= 2.18
+        "MODEL.FSAF.MIN_BOX_SIZE_TEST", -1.0,  # mmdet 2.x: empty boxes go through NMS (3.x drops them first)
         "MODEL.PIXEL_MEAN", list(m["pixel_mean"]),
         "MODEL.PIXEL_STD", list(m["pixel_std"]),
         "INPUT.FORMAT", "RGB",
