@@ -49,6 +49,7 @@ setup(
             "fsaf-convert-mmdet=fsaf_d2.tools.convert_mmdet:main",
             "fsaf-benchmark=fsaf_d2.tools.benchmark:main",
             "fsaf-benchmark-data=fsaf_d2.tools.benchmark_data:main",
+            "fsaf-benchmark-inference=fsaf_d2.tools.benchmark_inference:main",
             "fsaf-demo=fsaf_d2.tools.demo:main",
             "fsaf-export=fsaf_d2.tools.export:main",
         ]
