@@ -5,7 +5,8 @@
 #   2. runs python tools/benchmark.py: FSAF vs Detectron2's RetinaNet (+ static FSAF, the combined
 #      model, FCOS) at batch 16, 800x1344, AMP fp16, each model as shipped and all in NCHW, with a profile,
 #      before/after pairs of channels-last and FrozenBN folding (--paired), and python
-#      tools/benchmark_data.py (the training data loader's images/s per worker count);
+#      tools/benchmark_data.py (the training data loader's images/s per worker count), and
+#      tools/benchmark_inference.py (FSAF vs RetinaNet inference, batch 1 and 8, post-processing loaded);
 #   3. a short real training run through train_net.py (1-GPU launch, AMP fp16) on the quickstart data.
 # Results go to $OUT (default ./gpu_out). Usage: bash scripts/gpu_benchmark.sh [extra benchmark args]
 set -uo pipefail
@@ -56,6 +57,13 @@ if [ -z "${SKIP_PAIRED:-}" ]; then
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 20 \
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=True" \
     --out "$OUT/bench_paired_changes.json" "$@"
+fi
+if [ -z "${SKIP_INFER:-}" ]; then
+  # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image)
+  echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, fp16, calibrated classifiers"
+  "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp fp16 \
+    --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
+    --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=True" retinanet --out "$OUT/inference.json"
 fi
 echo "=== data loader (COCO-like 480x640 JPEGs, batch $BATCH)"
 "$PY" tools/benchmark_data.py --images 64 --batch "$BATCH" --workers 0 4 8 --batches "${DATA_BATCHES:-40}" \

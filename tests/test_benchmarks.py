@@ -93,12 +93,13 @@ def test_data_benchmark_times_the_training_loader(tmp_path):
 @pytest.mark.timeout(600)
 def test_inference_benchmark_loads_post_processing_like_a_trained_model(tmp_path):
     """The calibrated classifiers put about --candidates pairs above 0.05 per image for both models, so NMS
-    has real work; counts, detections and the machine are reported next to the times."""
+    has real work; counts, detections and the machine are reported next to the times. fp16 autocast, as in
+    the GPU command of docs/benchmarks.md (scripts/gpu_benchmark.sh)."""
     benchmark_inference = load_tool("benchmark_inference")
     out = tmp_path / "inference.json"
     rc = benchmark_inference.main(
         ["--batches", "1", "2", "--size", "96x128", "--depth", "18", "--iters", "1", "--warmup", "0",
-         "--candidates", "400", "--threads", "1", "--out", str(out)]
+         "--candidates", "400", "--threads", "1", "--amp", "fp16", "--out", str(out)]
     )
     assert rc == 0
     data = json.loads(out.read_text())

@@ -84,6 +84,19 @@ def head_outputs(model, inputs, precision, device):
     return images, features, predictions
 
 
+def float32_post_processing(model):
+    """Give a Detectron2 detector's ``forward_inference`` float32 head outputs. Under fp16 autocast its
+    ``batched_nms`` casts the boxes to float32 but not the scores, which torchvision's ``nms`` rejects;
+    FSAF's post-processing is float32 by itself."""
+    run = model.forward_inference
+
+    def forward_inference(images, features, predictions):
+        return run(images, features, [[x.float() for x in per_level] for per_level in predictions])
+
+    model.forward_inference = forward_inference
+    return model
+
+
 def calibrate_classifier(model, inputs, target: int, logit_std: float, device: str):
     """Scale the classifier's weights and shift its bias so that the logits on ``inputs`` have standard
     deviation ``logit_std`` and ``target`` (location, class) pairs per image score above the threshold."""
@@ -118,6 +131,9 @@ def run(args) -> List[Dict]:
     torch.manual_seed(args.seed)
     size = tuple(int(v) for v in args.size.split("x"))
     models = {name: build_model(name, args).eval() for name in args.models}
+    for model in models.values():
+        if not hasattr(model, "features_and_predictions"):
+            float32_post_processing(model)
     precision = _precision(args)
     results = []
     for batch in args.batches:
