@@ -53,7 +53,6 @@ import copy
 import datetime
 import hashlib
 import os
-import platform
 import sys
 
 import torch
@@ -71,6 +70,7 @@ from make_fixtures import (  # noqa: E402  (the 2.28.2 generator: constants and 
     start_run,
     write_fixture,
 )
+from make_fixtures import versions as versions_2x  # noqa: E402
 from mmdet_fixture import FIXTURE as SOURCE_FIXTURE  # noqa: E402
 from mmdet_fixture import load_fixture  # noqa: E402
 
@@ -276,16 +276,11 @@ def check_case(out, src_cases, is_new):
 
 
 def versions():
-    import mmcv
-    import mmdet
+    """make_fixtures.versions() (mmdet, mmcv, torch, torchvision, numpy, python) plus mmengine."""
     import mmengine
-    import numpy as np
-    import torchvision
 
     return dict(
-        mmdet=str(mmdet.__version__), mmcv=str(mmcv.__version__), mmengine=str(mmengine.__version__),
-        torch=str(torch.__version__), torchvision=str(torchvision.__version__), numpy=str(np.__version__),
-        python=platform.python_version(),
+        versions_2x(), mmengine=str(mmengine.__version__),
         mmcv_ops="none (mmcv-lite 2.x); mmcv._ext shim with a PyTorch NMS (tests/parity/make_fixtures.py)",
     )
 
