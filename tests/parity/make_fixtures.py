@@ -121,6 +121,40 @@ def install_mmcv_ext_shim():
     sys.modules["mmcv._ext"] = mod
 
 
+def check_shim_nms(boxes, scores, labels, iou_threshold=0.5):
+    """The shim's NMS keeps what ``torchvision.ops.nms`` keeps on these (class-offset) candidates."""
+    import torchvision
+
+    if len(boxes):
+        offs = labels.to(boxes) * (boxes.max() + 1)
+        ref = torchvision.ops.nms(boxes + offs[:, None], scores, iou_threshold)
+        mine = _nms_like_mmcv_cpu(boxes + offs[:, None], scores, iou_threshold)
+        assert torch.equal(ref, mine), "shim NMS differs from torchvision.ops.nms"
+
+
+# ---------------------------------------------------------------------------------------------- run
+def start_run(seed):
+    """Seeded, single-threaded (deterministic CPU reductions), the mmcv._ext shim installed, warnings off;
+    returns the generator of the random data."""
+    import warnings
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(1)
+    install_mmcv_ext_shim()
+    warnings.filterwarnings("ignore")
+    return torch.Generator().manual_seed(seed)
+
+
+def write_fixture(fixture, path):
+    """``torch.save`` the fixture dict into ``path``, compressed with lzma (``*.pt.xz``)."""
+    buf = io.BytesIO()
+    torch.save(fixture, buf)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+    print(f"wrote {path}: {os.path.getsize(path) / 1e6:.2f} MB (uncompressed {len(buf.getvalue()) / 1e6:.2f} MB)")
+
+
 # ---------------------------------------------------------------------------------------------- model
 def build_mmdet_fsaf(num_classes=NUM_CLASSES, fpn_channels=FPN_CHANNELS):
     import mmdet
@@ -480,15 +514,8 @@ def run_case(model, case):
     out["candidates"] = [dict(boxes=c[0].clone(), scores=c[1].clone(), labels=c[2].clone()) for c in cands]
     # check the shim's NMS against torchvision on this case's candidates
     try:
-        import torchvision
-
-        for c in cands:
-            b, s, l = c
-            if len(b):
-                offs = l.to(b) * (b.max() + 1)
-                ref = torchvision.ops.nms(b + offs[:, None], s, 0.5)
-                mine = _nms_like_mmcv_cpu(b + offs[:, None], s, 0.5)
-                assert torch.equal(ref, mine), "shim NMS differs from torchvision.ops.nms"
+        for b, s, l in cands:
+            check_shim_nms(b, s, l)
     except ImportError:
         pass
     return out
@@ -542,13 +569,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=3)
     args = parser.parse_args(argv)
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(1)  # deterministic CPU reductions
-    install_mmcv_ext_shim()
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = start_run(args.seed)
 
     model, cfg = build_mmdet_fsaf()
     cases = make_cases(gen)
@@ -584,12 +605,7 @@ def main(argv=None):
         state_dict_keys=list(sd.keys()),
         cases=outs,
     )
-    buf = io.BytesIO()
-    torch.save(fixture, buf)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "wb") as f:
-        f.write(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
-    print(f"wrote {args.out}: {os.path.getsize(args.out) / 1e6:.2f} MB (uncompressed {len(buf.getvalue()) / 1e6:.2f} MB)")
+    write_fixture(fixture, args.out)
 
 
 if __name__ == "__main__":
