@@ -52,10 +52,10 @@ for layout in ${LAYOUTS:-config contiguous}; do
 done
 if [ -z "${SKIP_PAIRED:-}" ]; then
   # before/after pairs of the layout and FrozenBN folding, in one process, steps alternating
-  echo "=== paired: FSAF as shipped vs NCHW vs FrozenBN folded"
+  echo "=== paired: FSAF as shipped vs NCHW vs FrozenBN not folded"
   "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 20 \
-    --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=True" \
+    --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" \
     --out "$OUT/bench_paired_changes.json" "$@"
 fi
 if [ -z "${SKIP_INFER:-}" ]; then
@@ -63,7 +63,7 @@ if [ -z "${SKIP_INFER:-}" ]; then
   echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, fp16, calibrated classifiers"
   "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp fp16 \
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
-    --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=True" retinanet --out "$OUT/inference.json"
+    --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet --out "$OUT/inference.json"
 fi
 echo "=== data loader (COCO-like 480x640 JPEGs, batch $BATCH)"
 "$PY" tools/benchmark_data.py --images 64 --batch "$BATCH" --workers 0 4 8 --batches "${DATA_BATCHES:-40}" \

@@ -79,6 +79,7 @@ def fsaf_cfg(fixture, **overrides):
         # the reference's NCHW convolutions: same accumulation order, so detections match one to one; the
         # default channels_last layout is compared in test_channels_last_layout_stays_within_rounding
         "MODEL.FSAF.MEMORY_FORMAT", "contiguous",
+        "MODEL.FSAF.FOLD_FROZEN_BN", False,  # the reference's conv + BN, not the folded conv's rounding
     ]
     return make_cfg("configs/Base-FSAF.yaml", opts, **overrides)
 
