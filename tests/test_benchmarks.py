@@ -111,3 +111,10 @@ def test_inference_benchmark_loads_post_processing_like_a_trained_model(tmp_path
         assert 0 < r["nms_candidates_per_image"] <= r["pairs_above_thresh_per_image"]
         assert r["detections_per_image"] == 100 and r["images_per_sec"] > 0 and r["postprocess_ms_per_call"] > 0
     assert data["machine"]["cpu_capability"] and data["machine"]["cpu"]
+
+
+def test_inference_benchmark_compares_nms_per_image_with_one_call_per_batch(capsys):
+    benchmark_inference = load_tool("benchmark_inference")
+    assert benchmark_inference.main(["--compare-nms", "300", "--batches", "3", "--iters", "1"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["same_detections"] and r["images"] == 3 and r["per_image_ms"] > 0 and r["one_call_ms"] > 0

@@ -59,6 +59,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compare-nms", type=int, default=0, metavar="CANDIDATES",
+        help="only time NMS of the largest batch as one call per image vs one call over the batch, "
+        "with this many random candidates per image",
+    )
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
     args.boxes = 7  # tools/benchmark.build_model's static-shape setting; no ground truth is used here
@@ -170,6 +175,46 @@ def run(args) -> List[Dict]:
     return results
 
 
+def compare_nms_calls(num_images: int, candidates: int, num_classes: int, iters: int, seed: int) -> Dict:
+    """NMS of a batch as one call per image (what FSAF does) or as one call over the batch, images kept apart
+    like classes by coordinate offsets (the single call then compares candidates of different images too,
+    and splitting its output by image needs the image ids on the host). Random boxes of 4-124 px in
+    700x700; returns the median ms of each and whether they keep the same detections."""
+    import time
+
+    from fsaf_d2.modeling.inference import class_aware_nms
+
+    g = torch.Generator().manual_seed(seed)
+    boxes, scores, classes = [], [], []
+    for _ in range(num_images):
+        xy = torch.rand(candidates, 2, generator=g) * 700
+        boxes.append(torch.cat([xy, xy + torch.rand(candidates, 2, generator=g) * 120 + 4], 1))
+        scores.append(torch.rand(candidates, generator=g))
+        classes.append(torch.randint(0, num_classes, (candidates,), generator=g))
+
+    def per_image():
+        return [class_aware_nms(b, s, c, 0.5)[:100] for b, s, c in zip(boxes, scores, classes)]
+
+    def one_call():
+        ids = torch.cat([c + i * num_classes for i, c in enumerate(classes)])
+        keep = class_aware_nms(torch.cat(boxes), torch.cat(scores), ids, 0.5)
+        image = keep // candidates
+        return [keep[image == i][:100] - i * candidates for i in range(num_images)]
+
+    out = {}
+    for fn in (per_image, one_call):
+        fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[f"{fn.__name__}_ms"] = 1000 * statistics.median(times)
+    out["same_detections"] = all(torch.equal(a, b) for a, b in zip(per_image(), one_call()))
+    out.update(images=num_images, candidates_per_image=candidates, classes=num_classes)
+    return out
+
+
 def format_table(results: List[Dict], args) -> str:
     lines = [
         f"inference, {args.device}, {args.size}, R-{args.depth}, amp {args.amp}, layout {args.memory_format}",
@@ -190,8 +235,14 @@ def format_table(results: List[Dict], args) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    results = run(args)
-    print(format_table(results, args))
+    if args.compare_nms:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        results = compare_nms_calls(max(args.batches), args.compare_nms, 80, args.iters, args.seed)
+        print(json.dumps(results))
+    else:
+        results = run(args)
+        print(format_table(results, args))
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
