@@ -15,7 +15,7 @@ from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-TOOLS = ["benchmark", "benchmark_data", "benchmark_inference", "benchmark_layout", "compile_report", "convert_mmdet", "demo", "export"]
+TOOLS = ["benchmark", "benchmark_data", "benchmark_eval", "benchmark_inference", "benchmark_layout", "compile_report", "convert_mmdet", "demo", "export"]
 
 
 def test_import_registers_everything():
@@ -82,6 +82,7 @@ def test_unknown_key_fails_with_its_name(tmp_path):
         ("MODEL.FSAF.NEG_SCALE", 0.1, "NEG_SCALE"),
         ("INPUT.FIXED_SIZES", [[800, 1333]], "INPUT.FIXED_SIZES"),
         ("SOLVER.AMP.PRECISION", "int8", "SOLVER.AMP.PRECISION"),
+        ("TEST.COCO_EVAL_BACKEND", "cocoapi", "TEST.COCO_EVAL_BACKEND"),
     ],
 )
 def test_bad_values_fail_early_with_the_key(key, value, match):

@@ -16,6 +16,7 @@ from .device import (
     parse_device,
     resolve_device,
 )
+from .evaluation import BackendCOCOEvaluator
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .launch import launch
 from .train_loop import DeviceTrainer, build_grad_scaler
@@ -23,6 +24,7 @@ from .trainer import Trainer, config_from_args, pre_launch, prepare_worker, setu
 
 __all__ = [
     "AtomicCheckpointer",
+    "BackendCOCOEvaluator",
     "DeterministicDataStream",
     "DeviceError",
     "DeviceMetricPrinter",

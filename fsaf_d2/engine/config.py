@@ -3,7 +3,7 @@
 :func:`build_config` is the only place that turns a YAML file and ``KEY VALUE`` overrides into the config
 that ``train_net.py`` and the tools (demo, export, benchmarks) run with, so that they all see the same
 config for the same file on the same device. :func:`add_engine_config` adds the keys of the training
-engine in Detectron2's namespaces (``SOLVER``, ``DATALOADER``) and the ``NPU`` runtime keys;
+engine in Detectron2's namespaces (``SOLVER``, ``DATALOADER``, ``TEST``) and the ``NPU`` runtime keys;
 :func:`apply_device_rules` resolves the settings whose default depends on the device. Nothing here imports
 ``torch_npu``: the rules read the device string only.
 """
@@ -31,7 +31,7 @@ __all__ = [
 def add_engine_config(cfg):
     """Add the engine's keys with their defaults to a Detectron2 ``CfgNode`` (in place).
 
-    The ``SOLVER`` / ``DATALOADER`` keys are added only when missing, so an upstream Detectron2 that already
+    The ``SOLVER`` / ``DATALOADER`` / ``TEST`` keys are added only when missing, so an upstream Detectron2 that already
     has one keeps its own default.
     """
     _C = cfg
@@ -51,6 +51,11 @@ def add_engine_config(cfg):
     # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
     # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
     add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
+
+    # ------------------------------------------------------------------ evaluation
+    # COCOeval of the COCO box AP (fsaf_d2.engine.evaluation): "faster_coco_eval" (C++, same numbers),
+    # "pycocotools" (pure Python) or "auto" = faster_coco_eval when it imports, else pycocotools
+    add_if_missing(_C.TEST, "COCO_EVAL_BACKEND", "auto")
 
     # ------------------------------------------------------------------ Ascend NPU runtime
     _C.NPU = CN()
@@ -145,6 +150,7 @@ def apply_device_rules(cfg) -> None:
 def validate_engine_config(cfg) -> None:
     """Fail early, naming the key, on values of the engine's keys that fsaf_d2 cannot use."""
     check_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION)
+    check_choice("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)

@@ -8,6 +8,8 @@
 * checkpoints are written atomically (:class:`~fsaf_d2.engine.checkpoint.AtomicCheckpointer`) and include
   the model's EMA loss normalisers (:class:`~fsaf_d2.engine.checkpoint.ModelRunningScalars`);
 * throughput, device memory and evaluation timing use the device's own synchronize/memory calls;
+* COCO box AP is computed by ``TEST.COCO_EVAL_BACKEND`` (faster-coco-eval when installed,
+  :mod:`~fsaf_d2.engine.evaluation`);
 * with ``SEED >= 0`` and ``DATALOADER.DETERMINISTIC_RESUME``, ``--resume`` reproduces an uninterrupted run.
 
 Helpers for scripts: :func:`config_from_args` (:func:`~fsaf_d2.engine.config.build_config` of ``args``),
@@ -24,7 +26,7 @@ import torch
 import torch.distributed as dist
 from detectron2.engine import DefaultTrainer, TrainerBase, default_setup
 from detectron2.engine import hooks as d2_hooks
-from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -45,6 +47,7 @@ from .device import (
     resolve_device,
     synchronize,
 )
+from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
@@ -78,12 +81,18 @@ def check_config(cfg) -> None:
     """Fail early on values fsaf_d2 cannot use and on settings this machine cannot run."""
     validate_config(cfg)
     check_device_support(cfg)
+    check_evaluation_support(cfg)
 
 
 def check_device_support(cfg) -> None:
     """Fail early on settings ``MODEL.DEVICE`` cannot run (AMP precision)."""
     if cfg.SOLVER.AMP.ENABLED:
         check_amp_support(device_type_of(cfg.MODEL.DEVICE), parse_precision(cfg.SOLVER.AMP.PRECISION))
+
+
+def check_evaluation_support(cfg) -> None:
+    """Fail early (before training) when ``TEST.COCO_EVAL_BACKEND`` names a package that is not installed."""
+    resolve_coco_eval_backend(cfg.TEST.COCO_EVAL_BACKEND)
 
 
 def prepare_worker(cfg) -> torch.device:
@@ -105,6 +114,7 @@ def setup(args):
     """Config + Detectron2's ``default_setup`` (logging, config dump, seeding) + :func:`prepare_worker`."""
     cfg = config_from_args(args)  # validated
     check_device_support(cfg)
+    check_evaluation_support(cfg)
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers; fsaf_d2's own messages (throughput
     # summary, NPU runtime, data-stream restarts) go to the same console and log file
@@ -243,10 +253,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO box AP on ``dataset_name``; results under ``<OUTPUT_DIR>/inference``."""
+        """COCO box AP on ``dataset_name`` by ``TEST.COCO_EVAL_BACKEND``; results under ``<OUTPUT_DIR>/inference``."""
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(
+        return BackendCOCOEvaluator(
             dataset_name,
+            backend=cfg.TEST.COCO_EVAL_BACKEND,
             tasks=("bbox",),
             distributed=True,
             output_dir=output_folder,
