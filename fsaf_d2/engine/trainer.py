@@ -49,6 +49,7 @@ from .device import (
 )
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
+from .inference_timing import TimedEvaluator
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
 __all__ = ["Trainer", "config_from_args", "pre_launch", "setup", "prepare_worker"]
@@ -304,6 +305,9 @@ class Trainer(DefaultTrainer):
     def test(cls, cfg, model, evaluators=None):
         """Evaluate ``model`` on ``cfg.DATASETS.TEST`` with device-synchronized timing.
 
+        Logs per test set the inference throughput of all devices and, apart, the evaluator's time
+        (:class:`~fsaf_d2.engine.inference_timing.TimedEvaluator`).
+
         Same contract as ``DefaultTrainer.test``: returns ``{dataset: results}`` (or the single result
         dict when there is one test set); ``evaluators`` overrides :meth:`build_evaluator`.
         """
@@ -317,9 +321,11 @@ class Trainer(DefaultTrainer):
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
-            res = inference_on_dataset(model, loader, evaluator, callbacks=callbacks)
+            timed = TimedEvaluator(evaluator)
+            res = inference_on_dataset(model, loader, timed, callbacks=callbacks)
             results[name] = res
             if comm.is_main_process():
+                logger.info(timed.summary(name))
                 if not isinstance(res, dict):
                     raise TypeError(f"Evaluator must return a dict on the main process, got {res!r}")
                 logger.info(f"Evaluation results for {name} in csv format:")

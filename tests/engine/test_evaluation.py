@@ -1,4 +1,5 @@
-"""COCO evaluation backends: faster-coco-eval gives pycocotools' numbers; the evaluator and its errors."""
+"""COCO evaluation backends: faster-coco-eval gives pycocotools' numbers; the evaluator and its errors;
+the inference throughput line of ``Trainer.test``."""
 import contextlib
 import logging
 import sys
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import engine_testutils as U
 from fsaf_d2.data.quickstart import generate_split
 from fsaf_d2.engine import build_config
 from fsaf_d2.engine.coco_synthetic import coco_from_dataset, run_cocoeval, synthetic_coco_gt, synthetic_detections
@@ -124,3 +126,16 @@ def test_missing_faster_coco_eval_fails_early_with_the_install_command(monkeypat
     with pytest.raises(ValueError, match="TEST.COCO_EVAL_BACKEND"):
         build_config(opts=["TEST.COCO_EVAL_BACKEND", "fast"])
 
+
+def test_eval_logs_inference_throughput_and_evaluation_time(tiny_dataset, tmp_path):
+    from fsaf_d2.engine import Trainer
+
+    cfg = build_config(opts=U.tiny_opts(str(tmp_path / "out"), tiny_dataset, tiny_dataset, 2))
+    model = Trainer.build_model(cfg)
+    with fsaf_log() as messages:
+        results = Trainer.test(cfg, model)
+    assert "AP" in results["bbox"]
+    [line] = [m for m in messages if m.startswith("Inference on")]
+    assert line.startswith(f"Inference on {tiny_dataset}: 4 images in ")
+    assert "images/s (all devices); evaluation (evaluate()) " in line
+    assert any(m.startswith("COCO evaluation by ") for m in messages), messages

@@ -60,6 +60,7 @@ def _check_run(out_dir, world_size):
     log = open(os.path.join(out_dir, "log.txt")).read()
     assert f"World size: {world_size}" in log
     assert "[Throughput]" in log and f"on {world_size} cards" in log
+    assert "Inference on coco_2017_val: 4 images in " in log and "images/s (all devices)" in log
     assert os.path.exists(os.path.join(out_dir, f"log.txt.rank{world_size - 1}"))
     throughput = json.load(open(os.path.join(out_dir, "throughput.json")))
     assert throughput["num_devices"] == world_size and throughput["images_per_sec"] > 0
