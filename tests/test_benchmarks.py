@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from fsaf_d2.benchmarking import combine_rounds
+from fsaf_d2.data.quickstart import generate_split
 from tools_testing import load_tool
 
 benchmark = load_tool("benchmark")
@@ -118,3 +119,24 @@ def test_inference_benchmark_compares_nms_per_image_with_one_call_per_batch(caps
     assert benchmark_inference.main(["--compare-nms", "300", "--batches", "3", "--iters", "1"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["same_detections"] and r["images"] == 3 and r["per_image_ms"] > 0 and r["one_call_ms"] > 0
+
+
+def test_eval_benchmark_times_both_backends_and_checks_they_agree(tmp_path, capsys):
+    pytest.importorskip("faster_coco_eval")
+    benchmark_eval = load_tool("benchmark_eval")
+    generate_split(str(tmp_path / "qs"), "val", 6, seed=0)
+    out = tmp_path / "eval.json"
+    rc = benchmark_eval.main(
+        ["--images", "30", "--dets", "20", "--quickstart-root", str(tmp_path / "qs"), "--quickstart-results",
+         str(tmp_path / "none.json"), "--repeats", "2", "--out", str(out)]
+    )
+    assert rc == 0
+    assert "| coco_synthetic | 30 | 600 |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["set"] for r in data["results"]] == ["coco_synthetic", "quickstart_val"]
+    for r in data["results"]:
+        assert r["agree"] and r["max_stat_difference"] <= 1e-4
+        for backend in ("pycocotools", "faster_coco_eval"):
+            assert len(r["backends"][backend]["runs"]) == 2 and len(r["backends"][backend]["stats"]) == 12
+    assert data["results"][1]["source"].startswith("drawn from the ground truth")
+    assert data["machine"]["cpu"] and data["versions"]["faster_coco_eval"].startswith("faster-coco-eval ")
