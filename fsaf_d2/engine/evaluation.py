@@ -104,13 +104,18 @@ class BackendCOCOEvaluator(COCOEvaluator):
 
     Args:
         dataset_name, kwargs: as ``COCOEvaluator`` (``use_fast_impl`` is replaced by ``backend``).
-        backend: "auto", "faster_coco_eval" or "pycocotools"; resolved (and checked) here.
+        backend: "auto", "faster_coco_eval" or "pycocotools"; resolved (and checked) here. With
+            ``max_dets_per_image`` < 10 the evaluation is pycocotools' (faster-coco-eval sorts maxDets).
     """
 
     def __init__(self, dataset_name, *args, backend: str = "auto", **kwargs):
         kwargs.pop("use_fast_impl", None)
         self.backend = resolve_coco_eval_backend(backend)
         super().__init__(dataset_name, *args, use_fast_impl=False, **kwargs)
+        if self.backend == "faster_coco_eval" and self._max_dets_per_image[2] < self._max_dets_per_image[1]:
+            # COCOeval_faster sorts maxDets and reports AP at the largest; Detectron2's [1, 10, N] then differs
+            logger.warning(f"max_dets_per_image {self._max_dets_per_image[2]} < 10: COCO AP by pycocotools")
+            self.backend = "pycocotools"
 
     def _eval_predictions(self, predictions, img_ids=None):
         start = time.perf_counter()

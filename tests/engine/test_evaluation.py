@@ -10,7 +10,7 @@ import torch
 
 import engine_testutils as U
 from fsaf_d2.data.quickstart import generate_split
-from fsaf_d2.engine import build_config
+from fsaf_d2.engine import build_config, evaluation
 from fsaf_d2.engine.coco_synthetic import coco_from_dataset, run_cocoeval, synthetic_coco_gt, synthetic_detections
 from fsaf_d2.engine.evaluation import (
     FASTER_COCO_EVAL_HINT,
@@ -94,12 +94,16 @@ def _perfect_and_noisy_predictions(dataset_name):
 
 
 @needs_faster
-def test_evaluator_gives_the_same_results_with_either_backend(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("max_dets", [100, 300])  # 300: Detectron2's custom-maxDets COCOeval
+def test_evaluator_gives_the_same_results_with_either_backend(tiny_dataset, tmp_path, max_dets, monkeypatch):
     inputs, outputs = _perfect_and_noisy_predictions(tiny_dataset)
+    built, build = [], evaluation.build_cocoeval
+    monkeypatch.setattr(evaluation, "build_cocoeval", lambda backend, *a: built.append(backend) or build(backend, *a))
     results = {}
     for backend in ("pycocotools", "faster_coco_eval"):
         evaluator = BackendCOCOEvaluator(
-            tiny_dataset, tasks=("bbox",), distributed=False, output_dir=str(tmp_path / backend), backend=backend
+            tiny_dataset, tasks=("bbox",), distributed=False, output_dir=str(tmp_path / backend),
+            max_dets_per_image=max_dets, backend=backend,
         )
         evaluator.reset()
         evaluator.process(inputs, outputs)
@@ -107,10 +111,18 @@ def test_evaluator_gives_the_same_results_with_either_backend(tiny_dataset, tmp_
             results[backend] = evaluator.evaluate()["bbox"]
         name = "faster-coco-eval" if backend == "faster_coco_eval" else "pycocotools"
         assert any(m.startswith(f"COCO evaluation by {name} ") for m in messages), messages
+        # pycocotools: Detectron2's own COCOeval; custom maxDets: Detectron2 builds a second one, used
+        assert set(built) == (set() if backend == "pycocotools" else {"faster_coco_eval"})
     assert results["pycocotools"].keys() == results["faster_coco_eval"].keys()
     assert 0 < results["pycocotools"]["AP"] < 100
     for key, value in results["pycocotools"].items():
         assert results["faster_coco_eval"][key] == pytest.approx(value, abs=100 * STATS_TOL, nan_ok=True), key
+
+
+@needs_faster
+def test_fewer_than_10_detections_per_image_are_evaluated_by_pycocotools(tiny_dataset):
+    assert BackendCOCOEvaluator(tiny_dataset, max_dets_per_image=5, backend="faster_coco_eval").backend == "pycocotools"
+    assert BackendCOCOEvaluator(tiny_dataset, max_dets_per_image=10, backend="faster_coco_eval").backend != "pycocotools"
 
 
 def test_missing_faster_coco_eval_fails_early_with_the_install_command(monkeypatch):
