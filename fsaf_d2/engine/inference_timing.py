@@ -5,7 +5,7 @@ the last (after the device was synchronized), so a thin evaluator wrapper sees b
 """
 import time
 
-from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
 __all__ = ["TimedEvaluator"]
@@ -17,9 +17,14 @@ class TimedEvaluator(DatasetEvaluator):
     After ``evaluate()``: ``num_images`` (all processes), ``inference_seconds`` (the slowest process, from
     ``reset()`` to ``evaluate()``) and ``evaluate_seconds`` (this process's ``evaluator.evaluate()``).
     ``evaluate()`` gathers from all processes, as ``inference_on_dataset`` calls it on every one.
+    ``evaluator`` may also be a list of evaluators or None, as ``inference_on_dataset`` accepts.
     """
 
-    def __init__(self, evaluator: DatasetEvaluator):
+    def __init__(self, evaluator):
+        if evaluator is None:
+            evaluator = DatasetEvaluators([])
+        elif isinstance(evaluator, (list, tuple)):
+            evaluator = DatasetEvaluators(list(evaluator))
         self.evaluator = evaluator
         self.num_images = 0
         self.inference_seconds = 0.0
@@ -46,9 +51,14 @@ class TimedEvaluator(DatasetEvaluator):
         self.evaluate_seconds = time.perf_counter() - start
         return results
 
+    @property
+    def images_per_second(self) -> float:
+        """Inference images/s of all devices (nan before ``evaluate()``)."""
+        return self.num_images / self.inference_seconds if self.inference_seconds > 0 else float("nan")
+
     def summary(self, dataset_name: str) -> str:
         """One log line: images, inference seconds, images/s of all devices, evaluate() seconds."""
-        rate = self.num_images / self.inference_seconds if self.inference_seconds > 0 else float("nan")
+        rate = self.images_per_second
         return (
             f"Inference on {dataset_name}: {self.num_images} images in {self.inference_seconds:.2f} s, "
             f"{rate:.2f} images/s (all devices); evaluation (evaluate()) {self.evaluate_seconds:.2f} s"

@@ -30,7 +30,7 @@ from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_
 from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter, TensorboardXWriter
+from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicCheckpointer, ModelRunningScalars
@@ -326,6 +326,7 @@ class Trainer(DefaultTrainer):
             results[name] = res
             if comm.is_main_process():
                 logger.info(timed.summary(name))
+                _put_eval_timing(name, timed)
                 if not isinstance(res, dict):
                     raise TypeError(f"Evaluator must return a dict on the main process, got {res!r}")
                 logger.info(f"Evaluation results for {name} in csv format:")
@@ -336,6 +337,16 @@ class Trainer(DefaultTrainer):
         if len(results) == 1:
             return next(iter(results.values()))
         return results
+
+
+def _put_eval_timing(dataset_name: str, timed: TimedEvaluator) -> None:
+    """During training, the evaluation's images/s and evaluate() seconds go to metrics.json too."""
+    try:
+        storage = get_event_storage()
+    except AssertionError:  # --eval-only: no training storage, the log line is the record
+        return
+    storage.put_scalar(f"inference/{dataset_name}/images_per_sec", timed.images_per_second, smoothing_hint=False)
+    storage.put_scalar(f"inference/{dataset_name}/evaluate_seconds", timed.evaluate_seconds, smoothing_hint=False)
 
 
 def _deterministic_stream(cfg) -> bool:

@@ -151,3 +151,22 @@ def test_eval_logs_inference_throughput_and_evaluation_time(tiny_dataset, tmp_pa
     assert line.startswith(f"Inference on {tiny_dataset}: 4 images in ")
     assert "images/s (all devices); evaluation (evaluate()) " in line
     assert any(m.startswith("COCO evaluation by ") for m in messages), messages
+
+
+def test_eval_accepts_evaluator_lists_and_stores_throughput_during_training(tiny_dataset, tmp_path):
+    """As Detectron2's inference_on_dataset: a list of evaluators (or an empty one) per test set; inside a
+    training run the images/s and evaluate() seconds also reach the event storage (metrics.json)."""
+    from detectron2.utils.events import EventStorage
+
+    from fsaf_d2.engine import Trainer
+
+    cfg = build_config(opts=U.tiny_opts(str(tmp_path / "out"), tiny_dataset, tiny_dataset, 2))
+    model = Trainer.build_model(cfg)
+    evaluator = Trainer.build_evaluator(cfg, tiny_dataset)
+    with EventStorage(0) as storage:
+        results = Trainer.test(cfg, model, evaluators=[[evaluator]])
+    assert "AP" in results["bbox"]
+    latest = storage.latest()
+    assert latest[f"inference/{tiny_dataset}/images_per_sec"][0] > 0
+    assert latest[f"inference/{tiny_dataset}/evaluate_seconds"][0] >= 0
+    assert Trainer.test(cfg, model, evaluators=[[]]) == {}
