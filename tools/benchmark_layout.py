@@ -13,7 +13,6 @@ CPU capability: the SIMD kernels in use) next to the medians, as every CPU figur
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,23 +23,11 @@ from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
 import fsaf_d2  # noqa: F401  (registers FSAF)
-from fsaf_d2.benchmarking import training_input
+from fsaf_d2.benchmarking import machine_description, training_input
 from fsaf_d2.engine import build_config
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LAYOUTS = ("channels_last", "contiguous")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def parse_args(argv=None):
@@ -92,7 +79,7 @@ def main(argv=None):
                 if it >= args.warmup:
                     times[layout].append(time.perf_counter() - start)
     result = {
-        "cpu": cpu_model(),
+        "cpu": machine_description()["cpu"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
         "config": os.path.relpath(args.config_file),

@@ -151,24 +151,24 @@ def detections_per_image(
     by offsets) would compare every pair of candidates of different images too (N times the work) and need
     a second sync to split its result by image.
     """
-    out: List[Tuple[Tensor, Tensor, Tensor]] = []
+    candidates: List[Tuple[Tensor, Tensor, Tensor]] = []
     if torch.jit.is_tracing():
         for i in range(scores.shape[0]):
             keep = valid[i].nonzero().squeeze(1)
-            b, s, c = boxes[i][keep], scores[i][keep], classes[i][keep]
-            kept = class_aware_nms(b, s, c, nms_thresh)[:max_detections]
-            out.append((b[kept], s[kept], c[kept]))
-        return out
-    # the valid candidates first, by decreasing score (invalid ones get -1, below any sigmoid score); stable,
-    # so that tied candidates keep their order whatever invalid ones the batch holds
-    ranked, order = torch.where(valid, scores, torch.full_like(scores, -1.0)).sort(
-        dim=1, descending=True, stable=True
-    )
-    boxes = gather_rows(boxes, order)
-    classes = classes.gather(1, order)
-    counts = _valid_counts(valid)
-    for i in range(scores.shape[0]):
-        b, s, c = boxes[i, : counts[i]], ranked[i, : counts[i]], classes[i, : counts[i]]
+            candidates.append((boxes[i][keep], scores[i][keep], classes[i][keep]))
+    else:
+        # the valid candidates first, by decreasing score (invalid ones get -1, below any sigmoid score);
+        # stable, so that tied candidates keep their order whatever invalid ones the batch holds
+        ranked, order = torch.where(valid, scores, torch.full_like(scores, -1.0)).sort(
+            dim=1, descending=True, stable=True
+        )
+        boxes = gather_rows(boxes, order)
+        classes = classes.gather(1, order)
+        counts = _valid_counts(valid)
+        for i in range(scores.shape[0]):
+            candidates.append((boxes[i, : counts[i]], ranked[i, : counts[i]], classes[i, : counts[i]]))
+    out: List[Tuple[Tensor, Tensor, Tensor]] = []
+    for b, s, c in candidates:
         kept = class_aware_nms(b, s, c, nms_thresh)[:max_detections]
         out.append((b[kept], s[kept], c[kept]))
     return out
