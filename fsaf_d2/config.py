@@ -122,6 +122,7 @@ FSAF_VALID_CHOICES = {
     "INPUT.RESIZE_BACKEND": ("pil", "cv2"),
     "SOLVER.AMP.PRECISION": ("float16", "bfloat16", "fp16", "bf16"),
     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": ("value", "norm", "full_model"),
+    "SOLVER.OPTIMIZER": ("SGD", "AdamW"),
     "TEST.COCO_EVAL_BACKEND": ("auto", "faster_coco_eval", "pycocotools"),
 }
 

@@ -43,6 +43,11 @@ def add_engine_config(cfg):
     # SOLVER.CLIP_GRADIENTS.CLIP_TYPE accepts "full_model": one global L2 norm over all parameters
     # (reference: max 10), applied to unscaled gradients under AMP. "value"/"norm" keep Detectron2's
     # per-parameter meaning.
+    # "SGD" (Detectron2's: SOLVER.MOMENTUM, NESTEROV) or "AdamW" (torch.optim.AdamW with SOLVER.ADAMW_BETAS;
+    # SOLVER.WEIGHT_DECAY is then AdamW's decoupled decay). Both take BASE_LR, the per-group decay and LR
+    # factors of Detectron2 (WEIGHT_DECAY_NORM, BIAS_LR_FACTOR, ...) and any SOLVER.CLIP_GRADIENTS.
+    add_if_missing(_C.SOLVER, "OPTIMIZER", "SGD")
+    add_if_missing(_C.SOLVER, "ADAMW_BETAS", (0.9, 0.999))
     # Fused SGD of torch_npu (torch_npu.optim.NpuFusedSGD) when MODEL.DEVICE is npu
     add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
     # iterations excluded from the images/s figure in the training log
@@ -51,6 +56,14 @@ def add_engine_config(cfg):
     # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
     # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
     add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
+
+    # ------------------------------------------------------------------ weight EMA (d2go's key names)
+    # keep an exponential moving average of the weights; evaluation and model_final.pth use it
+    # (fsaf_d2.engine.ema). DECAY is the largest decay, reached after a (1 + t) / (10 + t) ramp.
+    if "MODEL_EMA" not in _C:
+        _C.MODEL_EMA = CN()
+    add_if_missing(_C.MODEL_EMA, "ENABLED", False)
+    add_if_missing(_C.MODEL_EMA, "DECAY", 0.999)
 
     # ------------------------------------------------------------------ evaluation
     # COCOeval of the COCO box AP (fsaf_d2.engine.evaluation): "faster_coco_eval" (C++, same numbers),
@@ -151,6 +164,7 @@ def validate_engine_config(cfg) -> None:
     """Fail early, naming the key, on values of the engine's keys that fsaf_d2 cannot use."""
     check_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION)
     check_choice("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND)
+    check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)

@@ -47,6 +47,7 @@ from .device import (
     resolve_device,
     synchronize,
 )
+from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
 from .inference_timing import TimedEvaluator
@@ -164,6 +165,9 @@ class Trainer(DefaultTrainer):
         self.checkpointer = self.build_checkpointer(
             cfg, model, trainer=weakref.proxy(self), model_running_scalars=ModelRunningScalars(model)
         )
+        self.model_ema = build_model_ema(model, cfg.MODEL_EMA.DECAY) if cfg.MODEL_EMA.ENABLED else None
+        if self.model_ema is not None:
+            self.checkpointer.add_checkpointable("model_ema", self.model_ema)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -211,11 +215,25 @@ class Trainer(DefaultTrainer):
             cfg = cfg.clone()
             cfg.defrost()
             cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False  # not Detectron2's job; see DeviceTrainer.clip_gradients
+        if cfg.SOLVER.OPTIMIZER == "AdamW":
+            return cls._build_adamw(cfg, model)
         if cfg.SOLVER.NPU_FUSED_SGD:
             if device_type_of(cfg.MODEL.DEVICE) == "npu":
                 return cls._build_npu_fused_sgd(cfg, model)
             logger.warning(f"SOLVER.NPU_FUSED_SGD ignored on MODEL.DEVICE {cfg.MODEL.DEVICE}: using torch SGD")
         return d2_build_optimizer(cfg, model)
+
+    @staticmethod
+    def _build_adamw(cfg, model):
+        params = _param_groups(cfg, model)
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(cfg.SOLVER.ADAMW_BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+            foreach=True,
+        )
+        return maybe_add_gradient_clipping(cfg, optimizer)
 
     @staticmethod
     def _build_npu_fused_sgd(cfg, model):
@@ -224,13 +242,7 @@ class Trainer(DefaultTrainer):
         except ImportError:
             import_torch_npu()  # raises the installation hint if torch_npu itself is the problem
             raise
-        params = get_default_optimizer_params(
-            model,
-            base_lr=cfg.SOLVER.BASE_LR,
-            weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-            bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
-            weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
-        )
+        params = _param_groups(cfg, model)
         optimizer = NpuFusedSGD(
             params,
             lr=cfg.SOLVER.BASE_LR,
@@ -287,6 +299,13 @@ class Trainer(DefaultTrainer):
         )
         pos = next((i + 1 for i, h in enumerate(ret) if isinstance(h, d2_hooks.IterationTimer)), 0)
         ret.insert(pos, throughput)
+        if self.model_ema is not None:
+            # before the checkpointer (checkpoints hold their iteration's EMA); evaluation uses the EMA
+            pos = next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer))
+            ret.insert(pos, ModelEMAHook(self.model_ema))
+            for hook in ret:
+                if isinstance(hook, d2_hooks.EvalHook):
+                    hook._func = self._test_ema_and_save_results
         if _deterministic_stream(cfg):
             ret.insert(
                 0,
@@ -300,6 +319,11 @@ class Trainer(DefaultTrainer):
         return ret
 
     # ------------------------------------------------------------------------------------------- eval
+
+    def _test_ema_and_save_results(self):
+        """``DefaultTrainer.build_hooks``'s evaluation function, on the EMA weights."""
+        self._last_eval_results = self.test(self.cfg, self.model_ema.module)
+        return self._last_eval_results
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
@@ -337,6 +361,17 @@ class Trainer(DefaultTrainer):
         if len(results) == 1:
             return next(iter(results.values()))
         return results
+
+
+def _param_groups(cfg, model):
+    """Detectron2's parameter groups (per-group LR and weight-decay factors of ``SOLVER``)."""
+    return get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
 
 
 def _put_eval_timing(dataset_name: str, timed: TimedEvaluator) -> None:

@@ -8,6 +8,7 @@ from detectron2.utils.events import EventStorage
 import engine_testutils as U
 from fsaf_d2.engine import Trainer
 from fsaf_d2.engine.train_loop import DeviceTrainer, build_grad_scaler
+from fsaf_d2.engine.config import validate_engine_config
 from fsaf_d2.engine.trainer import check_config
 
 
@@ -129,3 +130,18 @@ def test_npu_fused_sgd_with_fused_global_clip(tmp_path, fake_npu):
     value = U.tiny_cfg(str(tmp_path), "unused", MODEL__DEVICE="npu", SOLVER__NPU_FUSED_SGD=True,
                        SOLVER__CLIP_GRADIENTS__CLIP_TYPE="norm")
     assert type(Trainer.build_optimizer(value, model)).__name__ == "NpuFusedSGDWithGradientClip"
+
+
+def test_adamw_optimizer(tmp_path):
+    model = _Linear([1.0])
+    cfg = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW", SOLVER__BASE_LR=0.002,
+                     SOLVER__WEIGHT_DECAY=0.05, SOLVER__ADAMW_BETAS=(0.9, 0.95))
+    opt = Trainer.build_optimizer(cfg, model)
+    assert type(opt) is torch.optim.AdamW  # global-norm clipping stays in the training step
+    group = opt.param_groups[0]
+    assert group["lr"] == 0.002 and group["weight_decay"] == 0.05 and group["betas"] == (0.9, 0.95)
+    value = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW",
+                       SOLVER__CLIP_GRADIENTS__CLIP_TYPE="value")
+    assert type(Trainer.build_optimizer(value, model)).__name__ == "AdamWWithGradientClip"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        validate_engine_config(U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="Adam"))
