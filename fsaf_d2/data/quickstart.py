@@ -1,10 +1,11 @@
 """Generator of the bundled "quickstart" dataset: coloured shapes on textured backgrounds, COCO format.
 
-The dataset lets new users train and evaluate FSAF without COCO and without a GPU. Every image holds
-1-8 filled shapes of five classes (the class is the *shape*; colours are random), of sizes from 12 px to
-half the short image side, on a noisy background with sine-grating texture and clutter lines. Objects
-may overlap (also objects of the same class) and be truncated by the image border, but every object
-keeps at least half of its pixels visible.
+The dataset lets new users train and evaluate FSAF without COCO and without a GPU. Every image is
+128 x 128 px and holds 1-8 filled shapes of five classes (the class is the *shape*; colours are random),
+of sizes from 16 px to half the image side (64 px: the strides 8-32 of P3-P5), on a noisy background
+with sine-grating texture and clutter lines. Objects may touch and overlap (also objects of the same
+class) and be truncated by the image border, but every object keeps at least 70 % of its pixels visible
+and no two boxes of an image have an IoU above 0.3 (so that NMS at 0.5 can keep both).
 
 Layout written under ``ROOT`` (the names registered by :mod:`fsaf_d2.data.datasets` point here)::
 
@@ -59,15 +60,17 @@ QUICKSTART_CLASSES = ("square", "circle", "triangle", "cross", "star")
 DEFAULT_NUM_TRAIN = 1500
 DEFAULT_NUM_VAL = 200
 DEFAULT_SEED = 0
-GENERATOR_VERSION = 1
+# 2: 128 x 128 images, objects of 16-64 px (the strides 8-32 of P3-P5), occlusion and box overlap capped
+GENERATOR_VERSION = 2
 
 _SPLIT_CODES = {"train": 0, "val": 1}
-_IMAGE_SIDES = (128, 144, 160)  # width and height are drawn independently from these
-_MIN_OBJECT_SIZE = 12.0  # longer side of an object's box, pixels
-_MAX_OBJECTS = 8
+_IMAGE_SIDES = (128,)  # width and height are drawn independently from these
+_MIN_OBJECT_SIZE = 16.0  # longer side of an object's box, pixels (the largest is half the short image side)
+_NUM_OBJECTS = (1, 8)  # objects tried per image: uniform in this range (fewer are placed when no position fits)
 _SUPERSAMPLE = 4  # shapes are rasterised at 4x and box-filtered down (anti-aliased edges)
-_MIN_VISIBLE_FRACTION = 0.5  # every object keeps >= this fraction of its in-image pixels visible
-_MIN_IN_IMAGE_FRACTION = 0.6  # truncation by the border: >= this fraction of the shape inside the image
+_MIN_VISIBLE_FRACTION = 0.7  # every object keeps >= this fraction of its in-image pixels visible
+_MIN_IN_IMAGE_FRACTION = 0.75  # truncation by the border: >= this fraction of the shape inside the image
+_MAX_BOX_IOU = 0.3  # boxes of one image overlap at most this much (NMS at 0.5 can keep both)
 _OVERLAP_PROB = 0.4  # chance that a new object is placed against an existing one
 _SAME_CLASS_PROB = 0.5  # ... and then the chance that it copies that object's class
 _PLACEMENT_TRIES = 30
@@ -108,10 +111,21 @@ def generate_command(root: str) -> str:
 
 
 def quickstart_exists(root: str) -> bool:
-    """Whether both splits under ``root`` are complete (each json is written last, after its images)."""
+    """Whether both splits under ``root`` are complete (each json is written last, after its images) and were
+    written by this generator version (an older dataset is regenerated: its images differ)."""
     return all(
-        os.path.isfile(p["json_file"]) and os.path.isdir(p["image_root"]) for p in quickstart_paths(root).values()
+        os.path.isdir(p["image_root"]) and _json_version(p["json_file"]) == str(GENERATOR_VERSION)
+        for p in quickstart_paths(root).values()
     )
+
+
+def _json_version(json_file: str) -> Optional[str]:
+    """The generator version recorded in a split's json, None if the file is missing or unreadable."""
+    try:
+        with open(json_file, "rb") as f:
+            return str(json.load(f)["info"]["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------------------------- shapes
@@ -259,7 +273,7 @@ def generate_image(rng: np.random.Generator):
     owner = np.full((height, width), -1, dtype=np.int32)  # index of the object visible at each pixel
     placed: List[dict] = []
     max_size = min(width, height) / 2
-    for _ in range(int(rng.integers(1, _MAX_OBJECTS + 1))):
+    for _ in range(int(rng.integers(_NUM_OBJECTS[0], _NUM_OBJECTS[1] + 1))):
         anchor = None
         if placed and rng.random() < _OVERLAP_PROB:
             anchor = placed[int(rng.integers(len(placed)))]
@@ -298,6 +312,9 @@ def _place(shape: _Shape, anchor, image: np.ndarray, owner: np.ndarray, placed: 
         bx0, by0 = np.clip(shape.poly.min(axis=0) + (tx, ty), 0, (width, height))
         bx1, by1 = np.clip(shape.poly.max(axis=0) + (tx, ty), 0, (width, height))
         if bx1 - bx0 < 1 or by1 - by0 < 1:
+            continue
+        boxes = np.array([[bx0, by0, bx1, by1]] + [o["bbox"] for o in placed], dtype=np.float64)
+        if len(placed) and _pairwise_iou(boxes)[0, 1:].max() > _MAX_BOX_IOU:
             continue
         region = owner[y0:y1, x0:x1]
         covered = region[hard]
@@ -541,6 +558,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, dict]:
         if quickstart_exists(root):
             print(f"The fsaf_d2 quickstart dataset is already complete in {os.path.abspath(root)}")
             return {}
+        found = _json_version(quickstart_paths(root)["val"]["json_file"])
+        if found is not None:
+            print(f"Regenerating the fsaf_d2 quickstart dataset in {os.path.abspath(root)}: it was written by "
+                  f"generator version {found}, this is version {GENERATOR_VERSION}")
     start = time.perf_counter()
     cocos = generate_quickstart(root, args.num_train, args.num_val, args.seed, show_progress=not args.no_progress)
     elapsed = time.perf_counter() - start
