@@ -6,6 +6,7 @@ import pytest
 from detectron2.data import MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import BoxMode
+from PIL import Image
 from fsaf_data_helpers import capture_logs, image_path, loader_cfg
 
 import fsaf_d2.data as fdata
@@ -100,7 +101,13 @@ def test_missing_quickstart_says_how_to_generate(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ images
-def _record(file_name, boxes, width=160, height=160, image_id=1, crowd=()):
+def _record(file_name, boxes, image_id=1, crowd=()):
+    """A dataset dict whose width/height are the image's own (128 px for a damaged or missing file)."""
+    try:
+        with Image.open(file_name) as image:
+            width, height = image.size
+    except (OSError, ValueError):
+        width = height = 128
     return {
         "file_name": str(file_name),
         "width": width,
