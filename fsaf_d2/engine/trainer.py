@@ -57,6 +57,9 @@ __all__ = ["Trainer", "config_from_args", "pre_launch", "setup", "prepare_worker
 
 logger = logging.getLogger(__name__)
 
+#: device types whose torch has a fused AdamW kernel (torch.optim.AdamW(fused=True))
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+
 
 # ---------------------------------------------------------------------------------------------- setup
 
@@ -225,13 +228,17 @@ class Trainer(DefaultTrainer):
 
     @staticmethod
     def _build_adamw(cfg, model):
+        """``torch.optim.AdamW``: fused (one kernel for all parameters) where torch has that kernel (cpu,
+        cuda), else the multi-tensor ``foreach`` path. Fused halves the step's time on the quickstart model
+        (2.6 against 5.3 ms for 3.1M parameters on a 2-core Xeon, docs/training.md)."""
         params = _param_groups(cfg, model)
+        fused = device_type_of(cfg.MODEL.DEVICE) in _FUSED_ADAMW_DEVICES
         optimizer = torch.optim.AdamW(
             params,
             lr=cfg.SOLVER.BASE_LR,
             betas=tuple(cfg.SOLVER.ADAMW_BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
-            foreach=True,
+            **({"fused": True} if fused else {"foreach": True}),
         )
         return maybe_add_gradient_clipping(cfg, optimizer)
 

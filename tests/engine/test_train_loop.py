@@ -140,6 +140,18 @@ def test_adamw_optimizer(tmp_path):
     assert type(opt) is torch.optim.AdamW  # global-norm clipping stays in the training step
     group = opt.param_groups[0]
     assert group["lr"] == 0.002 and group["weight_decay"] == 0.05 and group["betas"] == (0.9, 0.95)
+    # on the CPU the fused kernel runs, and takes the same steps as the multi-tensor path
+    assert group["fused"] is True and not group["foreach"]
+    reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in model.parameters()],
+                                  lr=0.002, weight_decay=0.05, betas=(0.9, 0.95), foreach=True)
+    for step in range(3):
+        for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
+            p.grad = torch.full_like(p, 0.5 - step)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     value = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW",
                        SOLVER__CLIP_GRADIENTS__CLIP_TYPE="value")
     assert type(Trainer.build_optimizer(value, model)).__name__ == "AdamWWithGradientClip"
