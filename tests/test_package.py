@@ -9,8 +9,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 import fsaf_d2
-from fsaf_d2.config import validate_fsaf_config
-from fsaf_d2.engine import build_config
+from fsaf_d2.engine import add_engine_config, build_config
+from fsaf_d2.engine.config import validate_config
 from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,9 @@ def test_import_registers_everything():
 def test_every_config_loads_and_validates(path):
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)  # configs may set the engine's keys (the quickstart's SOLVER.OPTIMIZER)
     cfg.merge_from_file(path)
-    validate_fsaf_config(cfg)
+    validate_config(cfg)
     assert cfg.MODEL.META_ARCHITECTURE == "FSAF"
 
 
