@@ -154,6 +154,9 @@ def test_adamw_optimizer(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     value = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW",
                        SOLVER__CLIP_GRADIENTS__CLIP_TYPE="value")
-    assert type(Trainer.build_optimizer(value, model)).__name__ == "AdamWWithGradientClip"
+    clipped_in_step = Trainer.build_optimizer(value, model)
+    assert type(clipped_in_step).__name__ == "AdamWWithGradientClip"
+    # Detectron2's clipping inside step() needs unscaled gradients there: the multi-tensor path
+    assert clipped_in_step.param_groups[0]["foreach"] and not clipped_in_step.param_groups[0]["fused"]
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
         validate_engine_config(U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="Adam"))
