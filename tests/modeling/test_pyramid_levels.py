@@ -14,6 +14,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
 import fsaf_d2
+from fsaf_d2.engine import add_engine_config
 from fsaf_d2.modeling.backbone import pyramid_levels
 
 from fsaf_testing import make_input, tiny_cfg
@@ -28,6 +29,7 @@ def shipped_cfg(path):
     """A shipped config as a user trains it, on the CPU and from random weights."""
     cfg = get_cfg()
     fsaf_d2.add_fsaf_config(cfg)
+    add_engine_config(cfg)  # configs may set the engine's keys (the quickstart's SOLVER.OPTIMIZER)
     cfg.merge_from_file(path)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.WEIGHTS = ""
