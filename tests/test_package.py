@@ -9,8 +9,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 import fsaf_d2
-from fsaf_d2.engine import add_engine_config, build_config
-from fsaf_d2.engine.config import validate_config
+from fsaf_d2.engine import build_config
 from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,11 +28,7 @@ def test_import_registers_everything():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[os.path.basename(p) for p in CONFIGS])
 def test_every_config_loads_and_validates(path):
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    add_engine_config(cfg)  # configs may set the engine's keys (the quickstart's SOLVER.OPTIMIZER)
-    cfg.merge_from_file(path)
-    validate_config(cfg)
+    cfg = build_config(path)  # as every fsaf_d2 program loads it: all keys, validated
     assert cfg.MODEL.META_ARCHITECTURE == "FSAF"
 
 

@@ -230,7 +230,7 @@ class Trainer(DefaultTrainer):
     def _build_adamw(cfg, model):
         """``torch.optim.AdamW``: fused (one kernel for all parameters) where torch has that kernel (cpu,
         cuda), else the multi-tensor ``foreach`` path. Fused halves the step's time on the quickstart model
-        (2.6 against 5.3 ms for 3.1M parameters on a 2-core Xeon, docs/training.md).
+        (2.6 against 5.3 ms for 3.1M parameters on a 2-core AVX-512 Xeon, docs/training.md).
 
         Detectron2's per-parameter clipping (``CLIP_TYPE`` "value"/"norm") keeps ``foreach``: it clips
         inside ``step``, where a fused optimizer under a GradScaler would still hold scaled gradients.

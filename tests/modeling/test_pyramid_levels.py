@@ -9,12 +9,10 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-import fsaf_d2
-from fsaf_d2.engine import add_engine_config
+from fsaf_d2.engine import build_config
 from fsaf_d2.modeling.backbone import pyramid_levels
 
 from fsaf_testing import make_input, tiny_cfg
@@ -27,13 +25,7 @@ SHIPPED = sorted(
 
 def shipped_cfg(path):
     """A shipped config as a user trains it, on the CPU and from random weights."""
-    cfg = get_cfg()
-    fsaf_d2.add_fsaf_config(cfg)
-    add_engine_config(cfg)  # configs may set the engine's keys (the quickstart's SOLVER.OPTIMIZER)
-    cfg.merge_from_file(path)
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    return cfg
+    return build_config(path, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[os.path.basename(p) for p in SHIPPED])
