@@ -123,6 +123,7 @@ FSAF_VALID_CHOICES = {
     "SOLVER.AMP.PRECISION": ("float16", "bfloat16", "fp16", "bf16"),
     "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": ("value", "norm", "full_model"),
     "SOLVER.OPTIMIZER": ("SGD", "AdamW"),
+    "SOLVER.COMPILE.MODE": ("default", "max-autotune", "reduce-overhead"),
     "TEST.COCO_EVAL_BACKEND": ("auto", "faster_coco_eval", "pycocotools"),
 }
 

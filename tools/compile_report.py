@@ -5,7 +5,8 @@
 
 Prints, for the static path (INPUT.FIXED_SIZES + MODEL.FSAF.MAX_GT) and the dynamic path, the number of
 graphs and graph breaks of (a) the loss computation from head outputs (assignment, selection, losses) and
-(b) backbone + head + loss from preprocessed images and padded ground truth, with the break reasons.
+(b) backbone + head + loss from preprocessed images and padded ground truth, with the break reasons; for the
+static path also (c) ``FSAF.static_training_losses``, the unit that ``SOLVER.COMPILE`` compiles.
 The model is the config's FSAF on a ResNet-18 with BN, 3 classes, on the CPU.
 """
 import argparse
@@ -69,6 +70,10 @@ def main():
         report(f"{mode}: assignment + selection + losses", loss_from_head,
                torch.cat(logits, 1).detach(), torch.cat(deltas, 1).detach(), *gt)
         report(f"{mode}: backbone + head + losses", step_from_images, images.tensor, (priors, level, sizes, valid), *gt)
+        if mode == "static":  # what SOLVER.COMPILE compiles: the layout is computed inside, from tensors
+            image_sizes = torch.tensor(images.image_sizes)
+            report("static: SOLVER.COMPILE's step (FSAF.static_training_losses)", model.static_training_losses,
+                   images.tensor, image_sizes, *model.padded_ground_truth([x["instances"] for x in batch]))
 
         # compilations over three batches of different image sizes and object counts
         from torch._dynamo.utils import counters

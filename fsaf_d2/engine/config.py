@@ -50,12 +50,22 @@ def add_engine_config(cfg):
     add_if_missing(_C.SOLVER, "ADAMW_BETAS", (0.9, 0.999))
     # Fused SGD of torch_npu (torch_npu.optim.NpuFusedSGD) when MODEL.DEVICE is npu
     add_if_missing(_C.SOLVER, "NPU_FUSED_SGD", False)
+    # compile the static-shape training step (backbone, head, assignment, selection, losses) with torch.compile,
+    # one graph per INPUT.FIXED_SIZES entry (fsaf_d2.engine.compile). Needs INPUT.FIXED_SIZES and MODEL.FSAF.MAX_GT.
+    # MODE: "default", "max-autotune" or "reduce-overhead" (CUDA graphs on cuda)
+    if "COMPILE" not in _C.SOLVER:
+        _C.SOLVER.COMPILE = CN()
+    add_if_missing(_C.SOLVER.COMPILE, "ENABLED", False)
+    add_if_missing(_C.SOLVER.COMPILE, "MODE", "default")
     # iterations excluded from the images/s figure in the training log
     add_if_missing(_C.SOLVER, "THROUGHPUT_WARMUP_ITERS", 5)
     # with SEED >= 0: restart the training data stream from a seed derived from (SEED, iteration //
     # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
     # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
     add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
+    # page-locked batches from the loader's pin-memory thread, so that the model's host-to-device copies of the
+    # uint8 images do not block the host. Only where there is a device to copy to (cuda, npu); ignored on cpu
+    add_if_missing(_C.DATALOADER, "PIN_MEMORY", True)
 
     # ------------------------------------------------------------------ weight EMA (d2go's key names)
     # keep an exponential moving average of the weights; evaluation and model_final.pth use it
@@ -165,6 +175,7 @@ def validate_engine_config(cfg) -> None:
     check_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION)
     check_choice("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND)
     check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER)
+    check_choice("SOLVER.COMPILE.MODE", cfg.SOLVER.COMPILE.MODE)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)

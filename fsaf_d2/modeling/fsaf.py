@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, move_device_like
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances
@@ -68,6 +68,9 @@ class FSAF(DenseDetector):
     """FSAF: an anchor-free head on every FPN level, each object trained on the level where its loss
     is lowest (online feature selection). See docs/algorithm.md for the reference behaviour.
     """
+
+    # training-only; TorchScript (inference export) would otherwise compile it
+    __jit_unused_properties__ = ["has_static_training_step"]
 
     @configurable
     def __init__(
@@ -180,6 +183,10 @@ class FSAF(DenseDetector):
           (:meth:`preprocess_image`, :meth:`features_and_predictions`, :meth:`forward_inference`) and returns
           the results in the input image's pixels, like Detectron2's scripted dense detectors.
 
+        * Static shapes (``INPUT.FIXED_SIZES`` + ``MODEL.FSAF.MAX_GT``, FSAF alone): the tensor part of the step,
+          from the padded image batch to the losses, is one method, :meth:`static_training_losses`, which
+          ``SOLVER.COMPILE`` compiles as one graph per fixed size (:mod:`fsaf_d2.engine.compile`).
+
         Eager inference is ``DenseDetector.forward`` unchanged.
         """
         if torch.jit.is_scripting():
@@ -191,10 +198,23 @@ class FSAF(DenseDetector):
                 return super().forward(batched_inputs)
             if "instances" not in batched_inputs[0]:
                 raise ValueError("FSAF training needs 'instances' (ground truth) in every input dict")
+            gt_instances = [x["instances"] for x in batched_inputs]
             with record_function("fsaf.preprocess"):
                 images = self.preprocess_image(batched_inputs)
+            if self.has_static_training_step:
+                with record_function("fsaf.preprocess"):
+                    gt = self.padded_ground_truth(gt_instances)
+                    sizes = self._to_device_async(torch.tensor(images.image_sizes, dtype=torch.int64).reshape(-1, 2))
+                return self.static_training_losses(images.tensor, sizes, *gt)
             features, predictions = self.features_and_predictions(images.tensor)
-            return self.forward_training(images, features, predictions, [x["instances"] for x in batched_inputs])
+            return self.forward_training(images, features, predictions, gt_instances)
+
+    def _move_to_current_device(self, x: Tensor) -> Tensor:
+        """A loader's image (uint8, normalised only on the device) on the model's device. Eager copies are
+        non-blocking: from pinned memory (``DATALOADER.PIN_MEMORY``) the host goes on while the copy runs."""
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            return move_device_like(x, self.pixel_mean)
+        return x.to(self.pixel_mean.device, non_blocking=True)
 
     def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
         """Normalise and batch the images, padded to the backbone's size divisibility as in
@@ -252,6 +272,35 @@ class FSAF(DenseDetector):
         total.update({k: self.af_loss_weight * v for k, v in losses.items()})
         return total
 
+    @property
+    def has_static_training_step(self) -> bool:
+        """Training takes :meth:`static_training_losses`: fixed input sizes and ground-truth slots, FSAF alone
+        (the combined model's anchor-based branch matches ``Instances`` on the host)."""
+        return bool(self.fixed_sizes) and self.max_gt > 0 and self.anchor_based is None
+
+    def static_training_losses(
+        self,
+        images: Tensor,
+        image_sizes: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        gt_valid: Tensor,
+        gt_ignore: Optional[Tensor] = None,
+    ) -> Dict[str, Tensor]:
+        """Backbone, head, assignment, level selection and losses of a static-shape batch: tensors in,
+        tensors out, without a host synchronisation, so that ``torch.compile`` takes it as one graph.
+
+        Args:
+            images: (N, 3, H, W) normalised batch padded to one of ``INPUT.FIXED_SIZES``.
+            image_sizes: (N, 2) int64 (H, W) of every image before padding, on the model's device.
+            gt_boxes, gt_labels, gt_valid, gt_ignore: ``MODEL.FSAF.MAX_GT`` slots per image
+                (:meth:`padded_ground_truth`).
+        """
+        features, predictions = self.features_and_predictions(images)
+        return self.losses(
+            ImageList(images, image_sizes), features, predictions, gt_boxes, gt_labels, gt_valid, gt_ignore
+        )
+
     def padded_ground_truth(self, gt_instances: Sequence[Instances]) -> List[Optional[Tensor]]:
         """Ground truth as padded tensors on the model's device (see :func:`pad_ground_truth`).
 
@@ -281,7 +330,10 @@ class FSAF(DenseDetector):
         return t.to(self.device, non_blocking=True)
 
     def prior_layout(self, images: ImageList, features: List[Tensor]):
-        """Priors (R, 4), prior level ids (R,), level sizes and the (N, R) valid mask of a batch."""
+        """Priors (R, 4), prior level ids (R,), level sizes and the (N, R) valid mask of a batch.
+
+        ``images.image_sizes`` is Detectron2's list of (H, W), or an (N, 2) tensor on the model's device
+        (:meth:`static_training_losses`)."""
         shapes = [tuple(f.shape[-2:]) for f in features]
         priors, prior_level, level_sizes = self.priors.grid(shapes, self.device)
         prior_valid = self.priors.valid_mask(

@@ -4,26 +4,13 @@ The prior of cell (i, j) at stride s is centred at ((j + offset) * s, (i + offse
 as in the reference (the top-left corner of the cell). Grids are cached per feature-map size, so a
 static-shape run builds them once.
 """
-import math
 from collections import OrderedDict
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["PointPriors", "level_valid_extent", "point_prior_grid"]
-
-
-def level_valid_extent(image_size: Tuple[int, int], size_divisibility: int, stride: int) -> Tuple[int, int]:
-    """Rows and columns of a stride-``stride`` level that belong to an image of ``image_size`` (H, W).
-
-    The image's own extent is its size padded to ``size_divisibility`` (the reference pads every image to
-    32); locations beyond it exist only because of batch padding.
-    """
-    d = max(int(size_divisibility), 1)
-    padded_h = int(math.ceil(image_size[0] / d) * d)
-    padded_w = int(math.ceil(image_size[1] / d) * d)
-    return int(math.ceil(padded_h / stride)), int(math.ceil(padded_w / stride))
+__all__ = ["PointPriors", "point_prior_grid", "prior_valid_mask"]
 
 
 def point_prior_grid(
@@ -42,6 +29,32 @@ def point_prior_grid(
     return out
 
 
+def prior_valid_mask(
+    shapes: List[Tuple[int, int]], strides: List[int], image_sizes: Tensor, size_divisibility: int
+) -> Tensor:
+    """(N, R) bool: the prior lies inside its image's own padded extent.
+
+    An image's own extent is its size padded to ``size_divisibility`` (the reference pads every image to
+    32); locations beyond it, ceil(extent / stride) per level, exist only because of batch padding.
+
+    Args:
+        shapes: (H_l, W_l) of every level; strides: the levels' strides (pixels).
+        image_sizes: (N, 2) integer (H, W) of every image before batch padding, on the device the mask is
+            wanted on. Tensor arithmetic only, so that a compiled training step keeps one graph for every
+            image size that fits its fixed input size.
+    """
+    d = max(int(size_divisibility), 1)
+    padded = (image_sizes.long() + d - 1) // d * d  # (N, 2)
+    parts = []
+    for (h, w), s in zip(shapes, strides):
+        extent = (padded + s - 1) // s  # (N, 2) rows and columns of this level inside the image
+        rows = torch.arange(h, device=image_sizes.device)
+        cols = torch.arange(w, device=image_sizes.device)
+        inside = (rows[None, :, None] < extent[:, 0, None, None]) & (cols[None, None, :] < extent[:, 1, None, None])
+        parts.append(inside.reshape(image_sizes.shape[0], h * w))
+    return torch.cat(parts, dim=1)
+
+
 class PointPriors:
     """Prior boxes and their bookkeeping for a list of levels with the given strides."""
 
@@ -52,6 +65,8 @@ class PointPriors:
         self._cache_size = cache_size
 
     def _cached(self, key, build):
+        if torch.compiler.is_compiling():  # traced once per input size: the graph holds the result
+            return build()
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -85,26 +100,22 @@ class PointPriors:
     def valid_mask(
         self,
         shapes: Sequence[Tuple[int, int]],
-        image_sizes: Sequence[Tuple[int, int]],
+        image_sizes,
         size_divisibility: int,
         device: torch.device,
     ) -> Tensor:
-        """(N, R) bool: the prior lies inside its image's own padded extent (see ``level_valid_extent``).
+        """(N, R) bool: the prior lies inside its image's own padded extent (:func:`prior_valid_mask`).
 
-        Built on the host from Python sizes and copied to the device without a synchronisation.
+        ``image_sizes``: Python (H, W) pairs, for which the mask is built on the host, cached and copied to
+        the device without a synchronisation; or an (N, 2) tensor on the device (the compiled training
+        step), for which it is computed there.
         """
+        if isinstance(image_sizes, Tensor):
+            return prior_valid_mask(list(shapes), self.strides, image_sizes, size_divisibility)
 
         def build():
-            rows = []
-            for size in image_sizes:
-                parts = []
-                for (h, w), s in zip(shapes, self.strides):
-                    vh, vw = level_valid_extent(size, size_divisibility, s)
-                    m = torch.zeros(h, w, dtype=torch.bool)
-                    m[:vh, :vw] = True
-                    parts.append(m.reshape(-1))
-                rows.append(torch.cat(parts))
-            mask = torch.stack(rows)
+            sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.int64).reshape(-1, 2)
+            mask = prior_valid_mask(list(shapes), self.strides, sizes, size_divisibility)
             if torch.device(device).type == "cpu":
                 return mask
             return mask.pin_memory().to(device, non_blocking=True)

@@ -132,6 +132,34 @@ def test_npu_fused_sgd_with_fused_global_clip(tmp_path, fake_npu):
     assert type(Trainer.build_optimizer(value, model)).__name__ == "NpuFusedSGDWithGradientClip"
 
 
+def _assert_same_steps(model, optimizer, build_reference, steps=3):
+    """``optimizer`` (over ``model``'s parameters) and ``build_reference(copies)`` take the same ``steps`` steps."""
+    reference = build_reference([torch.nn.Parameter(p.detach().clone()) for p in model.parameters()])
+    for step in range(steps):
+        for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
+            p.grad = torch.full_like(p, 0.5 - step)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_optimizer_is_fused_on_cpu(tmp_path):
+    model = _Linear([1.0, -2.0])
+    cfg = U.tiny_cfg(str(tmp_path), "unused", SOLVER__BASE_LR=0.01, SOLVER__MOMENTUM=0.9, SOLVER__NESTEROV=True,
+                     SOLVER__WEIGHT_DECAY=1e-3)
+    opt = Trainer.build_optimizer(cfg, model)
+    group = opt.param_groups[0]
+    assert type(opt) is torch.optim.SGD and group["fused"] is True and not group["foreach"]
+    assert group["momentum"] == 0.9 and group["nesterov"] and group["weight_decay"] == 1e-3
+    # the fused kernel takes the steps Detectron2's multi-tensor SGD takes
+    _assert_same_steps(model, opt, lambda params: torch.optim.SGD(
+        params, lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3, foreach=True))
+    value = U.tiny_cfg(str(tmp_path), "unused", SOLVER__CLIP_GRADIENTS__CLIP_TYPE="value")
+    assert Trainer.build_optimizer(value, model).param_groups[0]["foreach"]
+
+
 def test_adamw_optimizer(tmp_path):
     model = _Linear([1.0])
     cfg = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW", SOLVER__BASE_LR=0.002,
@@ -142,16 +170,8 @@ def test_adamw_optimizer(tmp_path):
     assert group["lr"] == 0.002 and group["weight_decay"] == 0.05 and group["betas"] == (0.9, 0.95)
     # on the CPU the fused kernel runs, and takes the same steps as the multi-tensor path
     assert group["fused"] is True and not group["foreach"]
-    reference = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in model.parameters()],
-                                  lr=0.002, weight_decay=0.05, betas=(0.9, 0.95), foreach=True)
-    for step in range(3):
-        for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
-            p.grad = torch.full_like(p, 0.5 - step)
-            q.grad = p.grad.clone()
-        opt.step()
-        reference.step()
-    for p, q in zip(model.parameters(), reference.param_groups[0]["params"]):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    _assert_same_steps(model, opt, lambda params: torch.optim.AdamW(
+        params, lr=0.002, weight_decay=0.05, betas=(0.9, 0.95), foreach=True))
     value = U.tiny_cfg(str(tmp_path), "unused", SOLVER__OPTIMIZER="AdamW",
                        SOLVER__CLIP_GRADIENTS__CLIP_TYPE="value")
     clipped_in_step = Trainer.build_optimizer(value, model)
