@@ -2,12 +2,14 @@
 # One-GPU check and benchmark for a machine without network (e.g. one H100 or H200):
 #   1. installs Detectron2 and its pure-Python dependencies offline from wheels in $WHL (default .whl/,
 #      filled beforehand on a machine with PyPI, see docs/benchmarks.md#bringing-the-wheels-to-a-machine-without-network);
-#   2. runs python tools/benchmark.py: FSAF vs Detectron2's RetinaNet (+ static FSAF, the combined
-#      model, FCOS) at batch 16, 800x1344, AMP fp16, each model as shipped and all in NCHW, with a profile,
-#      before/after pairs of channels-last and FrozenBN folding (--paired), and python
-#      tools/benchmark_data.py (the training data loader's images/s per worker count), and
-#      tools/benchmark_inference.py (FSAF vs RetinaNet inference, batch 1 and 8, post-processing loaded);
-#   3. a short real training run through train_net.py (1-GPU launch, AMP fp16) on the quickstart data.
+#   2. runs python tools/benchmark.py: FSAF vs Detectron2's RetinaNet (+ static FSAF, the compiled static
+#      step SOLVER.COMPILE, the combined model, FCOS) at batch 16, 800x1344, AMP fp16, each model as shipped
+#      and all in NCHW, with a profile; before/after pairs of channels-last and FrozenBN folding, and of the
+#      compile modes (--paired); python -m fsaf_d2.benchmark_data (the training data path's images/s per
+#      worker count, resize backend and pinned memory, delivered to the GPU, and the JPEG decoders alone);
+#      and tools/benchmark_inference.py (FSAF vs RetinaNet inference, batch 1 and 8, post-processing loaded);
+#   3. short real training runs through train_net.py (1-GPU launch, AMP fp16) on the quickstart data,
+#      eager and with SOLVER.COMPILE.
 # Results go to $OUT (default ./gpu_out). Usage: bash scripts/gpu_benchmark.sh [extra benchmark args]
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,7 +43,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 
 SIZE=${SIZE:-800x1344}
 BATCH=${BATCH:-16}
-MODELS=${MODELS:-fsaf retinanet fsaf_static fsaf_retinanet fcos}
+MODELS=${MODELS:-fsaf retinanet fsaf_static fsaf_compiled fsaf_retinanet fcos}
 # LAYOUTS: "config" = every model as shipped (FSAF: MODEL.FSAF.MEMORY_FORMAT auto = channels_last on cuda;
 # Detectron2's models: contiguous), "contiguous" / "channels_last" = that layout for every model
 for layout in ${LAYOUTS:-config contiguous}; do
@@ -58,6 +60,16 @@ if [ -z "${SKIP_PAIRED:-}" ]; then
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" \
     --out "$OUT/bench_paired_changes.json" "$@"
 fi
+if [ -z "${SKIP_COMPILE:-}" ]; then
+  # the compiled static step per mode against the eager steps and RetinaNet, in one process, steps alternating;
+  # COMPILE_MODES="default reduce-overhead max-autotune" adds Inductor's autotuning (a long first compile)
+  compiled=()
+  for mode in ${COMPILE_MODES:-default reduce-overhead}; do compiled+=("fsaf_compiled+SOLVER.COMPILE.MODE=$mode"); done
+  echo "=== paired: FSAF eager (dynamic, static) vs compiled static step per mode vs RetinaNet"
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
+    --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 5 \
+    --models fsaf fsaf_static "${compiled[@]}" retinanet --out "$OUT/bench_paired_compile.json" "$@"
+fi
 if [ -z "${SKIP_INFER:-}" ]; then
   # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image)
   echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, fp16, calibrated classifiers"
@@ -65,8 +77,11 @@ if [ -z "${SKIP_INFER:-}" ]; then
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
     --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet --out "$OUT/inference.json"
 fi
-echo "=== data loader (COCO-like 480x640 JPEGs, batch $BATCH)"
-"$PY" tools/benchmark_data.py --images 64 --batch "$BATCH" --workers 0 4 8 --batches "${DATA_BATCHES:-40}" \
+echo "=== data path (COCO-like 480x640 JPEGs resized to 800x1333, batch $BATCH, delivered to $DEVICE)"
+PIN="0"
+case "$DEVICE" in cuda*|npu*) PIN="0 1" ;; esac
+"$PY" -m fsaf_d2.benchmark_data --device "$DEVICE" --images 64 --batch "$BATCH" --workers ${DATA_WORKERS:-0 4 8 12} \
+  --backends pil cv2 --pin-memory $PIN --decoders pil torchvision torchvision-cuda --batches "${DATA_BATCHES:-40}" \
   --out "$OUT/data_loader.json"
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
@@ -76,5 +91,11 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
     SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION float16 SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
     DATALOADER.NUM_WORKERS 4 OUTPUT_DIR "$OUT/train_amp" 2>&1 | tail -40
+  echo "=== train_net.py: the same with SOLVER.COMPILE (static shapes: the quickstart's native 128 px)"
+  "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
+    SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION float16 SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
+    DATALOADER.NUM_WORKERS 4 INPUT.FIXED_SIZES "[[128, 128]]" MODEL.FSAF.MAX_GT 32 \
+    SOLVER.COMPILE.ENABLED True SOLVER.COMPILE.MODE "${TRAIN_COMPILE_MODE:-reduce-overhead}" \
+    OUTPUT_DIR "$OUT/train_amp_compiled" 2>&1 | tail -40
 fi
 ls -la "$OUT"

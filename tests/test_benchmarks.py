@@ -1,15 +1,15 @@
 """The benchmark commands of docs/benchmarks.md run end to end on CPU (tiny settings; no timing asserted)."""
 import json
+import subprocess
 import sys
 
 import pytest
 
 from fsaf_d2.benchmarking import combine_rounds
 from fsaf_d2.data.quickstart import generate_split
-from tools_testing import load_tool
+from tools_testing import load_tool, tool_env
 
 benchmark = load_tool("benchmark")
-benchmark_data = load_tool("benchmark_data")
 
 
 def test_combine_rounds_takes_medians_and_reports_failures():
@@ -79,16 +79,29 @@ def test_model_spec_errors_name_the_problem():
 
 
 def test_data_benchmark_times_the_training_loader(tmp_path):
+    """``python -m fsaf_d2.benchmark_data`` (the tools/ script is the same program): the training loader's
+    images/s with the batches delivered as uint8 and normalised on the device, and the decoders alone."""
     out = tmp_path / "data.json"
-    rc = benchmark_data.main(
-        ["--images", "4", "--size", "120x160", "--batch", "2", "--workers", "0", "--backends", "pil",
-         "--batches", "2", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fsaf_d2.benchmark_data", "--images", "4", "--size", "120x160", "--batch", "2",
+         "--workers", "0", "--backends", "pil", "cv2", "--batches", "2", "--warmup", "1",
+         "--decoders", "pil", "torchvision", "torchvision-cuda", "--out", str(out)],
+        env=tool_env(), capture_output=True, text=True, timeout=300,
     )
-    assert rc == 0
-    (r,) = json.loads(out.read_text())["results"]
-    assert r["images_per_sec"] > 0
-    # the R50 config's resize (reference): shortest edge 800, longest at most 1333: 120x160 -> 800x1067
-    assert r["mean_output_hw"] == [800.0, 1067.0]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert [(r["backend"], r["workers"], r["pin_memory"]) for r in data["results"]] == [("pil", 0, False), ("cv2", 0, False)]
+    for r in data["results"]:
+        assert r["images_per_sec"] > 0 and r["loader_image_dtypes"] == ["torch.uint8"]
+        # the R50 config's resize (reference): shortest edge 800, longest at most 1333: 120x160 -> 800x1067
+        assert r["mean_output_hw"] == [800.0, 1067.0]
+    decoders = data["decoders_ms_per_image"]
+    assert decoders["pil"] > 0 and decoders["torchvision"] > 0 and decoders["torchvision-cuda"] is None
+    assert "| cv2 | 0 | False |" in proc.stdout and "decoder torchvision-cuda: not available" in proc.stdout
+    assert data["machine"]["cpu_capability"] in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "fsaf_d2.benchmark_data", "--pin-memory", "1"], env=tool_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--pin-memory 1 needs an accelerator --device" in bad.stderr
 
 
 @pytest.mark.timeout(600)

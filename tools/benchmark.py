@@ -16,7 +16,10 @@ with a device synchronisation after ``--warmup`` steps. Each model runs in its o
 peak-memory figure (max RSS) is per model; on accelerators peak memory is the device allocator's.
 
 Models: ``fsaf`` (``--config-file``, default configs/fsaf_R50_FPN_1x.yaml), ``fsaf_static`` (the same with
-INPUT.FIXED_SIZES and MODEL.FSAF.MAX_GT: the static-shape path), ``fsaf_retinanet`` (the combined anchor-based
+INPUT.FIXED_SIZES and MODEL.FSAF.MAX_GT: the static-shape path), ``fsaf_compiled`` (``fsaf_static`` with
+SOLVER.COMPILE.ENABLED: the step through torch.compile, as the Trainer builds it; ``first_step_s`` reports the
+first step, compilation included; ``fsaf_compiled+SOLVER.COMPILE.MODE=reduce-overhead`` picks a mode),
+``fsaf_retinanet`` (the combined anchor-based
 + FSAF model), ``retinanet`` (Detectron2 model zoo COCO-Detection/retinanet_R_50_FPN_1x.yaml), ``fcos``
 (Detectron2's LazyConfig COCO-Detection/fcos_R_50_FPN_1x.py). ``--profile`` adds a per-phase breakdown of the
 FSAF training step from the torch profiler (record_function ranges in the model; the ResNet and the FPN are
@@ -55,9 +58,10 @@ from fsaf_d2.benchmarking import (
 )
 from fsaf_d2.engine import build_config
 from fsaf_d2.engine import device as dev
+from fsaf_d2.engine.compile import check_compile_support, compile_static_training_step
 from fsaf_d2.engine.train_loop import parse_precision
 
-MODELS = ("fsaf", "fsaf_static", "fsaf_retinanet", "retinanet", "fcos")
+MODELS = ("fsaf", "fsaf_static", "fsaf_compiled", "fsaf_retinanet", "retinanet", "fcos")
 #: the repository's configs/, next to tools/ (an installed fsaf_d2 has none: give --config-file)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
@@ -170,17 +174,23 @@ def build_model(spec: str, args):
         ]
         if args.depth < 50:
             opts += ["MODEL.RESNETS.RES2_OUT_CHANNELS", 64]
-        if name == "fsaf_static":
+        if name in ("fsaf_static", "fsaf_compiled"):
             ph, pw = (-(-h // 32) * 32, -(-w // 32) * 32)
             opts += ["INPUT.FIXED_SIZES", [[ph, pw], [pw, ph]], "MODEL.FSAF.MAX_GT", max(args.boxes, 1)]
+        if name == "fsaf_compiled":
+            opts += ["SOLVER.COMPILE.ENABLED", True]
         if name == "fsaf_retinanet":
             sizes = [[x, x * 2 ** (1 / 3), x * 2 ** (2 / 3)] for x in (32, 64, 128, 256, 512)]
             opts += ["MODEL.FSAF.ANCHOR_BASED", True, "MODEL.ANCHOR_GENERATOR.SIZES", sizes]
         if name != "retinanet" and args.memory_format != "config":
             opts += ["MODEL.FSAF.MEMORY_FORMAT", args.memory_format]
-        model = d2_build(build_config(config_file, opts + overrides))  # the model's own overrides come last
+        cfg = build_config(config_file, opts + overrides)  # the model's own overrides come last
+        model = d2_build(cfg)
         if name == "retinanet" and args.memory_format == "channels_last":
             model = model.to(memory_format=torch.channels_last)
+        if cfg.SOLVER.COMPILE.ENABLED:  # as the Trainer does (fsaf_d2.engine.compile)
+            check_compile_support(cfg)
+            compile_static_training_step(model, cfg.SOLVER.COMPILE.MODE, dev.device_type_of(args.device))
     for m in model.modules():  # residual blocks start as identity: random FrozenBN nets stay finite
         last = getattr(m, "conv3", None) or (getattr(m, "conv2", None) if hasattr(m, "shortcut") else None)
         norm = getattr(last, "norm", None)
@@ -256,7 +266,8 @@ def run_worker(name: str, args) -> Dict:
     batch, infer = _batches(args)
     step = make_train_step(model, batch, args.device, _precision(args))
 
-    time_alternating({name: step}, args.warmup, args.device)
+    first, _ = time_alternating({name: step}, 1, args.device)  # compilation, cuDNN autotuning, allocator growth
+    time_alternating({name: step}, max(args.warmup - 1, 0), args.device)
     dev.reset_peak_memory_stats(args.device)
     times, losses = time_alternating({name: step}, args.iters, args.device)
     times = times[name]
@@ -270,6 +281,7 @@ def run_worker(name: str, args) -> Dict:
         "train_images_per_sec": args.batch / median,
         "train_loss_finite": all_finite(losses[name][-1:]),
         "train_peak_mem_gib": None if train_peak is None else train_peak / 2**30,
+        "first_step_s": first[name][0],
     }
 
     if args.profile and name.startswith("fsaf"):
@@ -340,6 +352,9 @@ def format_table(results: List[Dict], args, rounds: Optional[List[List[Dict]]] =
                         f"(median {statistics.median(per_round):.3f})"
                     )
                 rows.append(line)
+    for r in results:
+        if r.get("first_step_s") is not None and "compiled" in r["model"]:
+            rows.append(f"first training step of {r['model']} (torch.compile included): {r['first_step_s']:.1f} s")
     for r in results:
         if "profile_ms_per_iter" in r:
             rows.append(f"profile of {r['model']} (ms per step): " + ", ".join(

@@ -15,6 +15,7 @@ __all__ = [
     "build_fsaf_train_sampler",
     "build_fsaf_train_loader",
     "build_fsaf_test_loader",
+    "pin_memory",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,13 +79,16 @@ def build_fsaf_train_loader(cfg):
 
     Uses :func:`get_fsaf_train_dataset_dicts`, :class:`FSAFDatasetMapper` and
     :func:`build_fsaf_train_sampler`. With ``cfg.SEED >= 0`` the order of images and the data-loader worker
-    seeds (hence random flips) are deterministic.
+    seeds (hence random flips) are deterministic. Images are uint8 (3, H, W) tensors, in pinned memory with
+    ``DATALOADER.PIN_MEMORY`` on cuda / npu (:func:`pin_memory`).
     """
     dicts = get_fsaf_train_dataset_dicts(cfg)
     kwargs = {}
     seed = _seed(cfg)
     if seed is not None and "seed" in inspect.signature(build_batch_data_loader).parameters:
         kwargs["seed"] = seed  # torch.Generator of the DataLoader -> worker seeds
+    if pin_memory(cfg):
+        kwargs["pin_memory"] = True
     return build_detection_train_loader(
         dataset=dicts,
         mapper=FSAFDatasetMapper(cfg, True),
@@ -94,6 +98,13 @@ def build_fsaf_train_loader(cfg):
         num_workers=cfg.DATALOADER.NUM_WORKERS,
         **kwargs,
     )
+
+
+def pin_memory(cfg) -> bool:
+    """``DATALOADER.PIN_MEMORY`` where pinning means something: a ``MODEL.DEVICE`` with its own memory."""
+    from ..engine.device import device_type_of, is_accelerator  # the engine imports this module lazily
+
+    return bool(cfg.DATALOADER.get("PIN_MEMORY", False)) and is_accelerator(device_type_of(cfg.MODEL.DEVICE))
 
 
 def build_fsaf_test_loader(cfg, dataset_name: Union[str, List[str]]):

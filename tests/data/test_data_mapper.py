@@ -152,6 +152,22 @@ def test_train_loader_is_deterministic_with_seed(registered_small_quickstart):
         assert d["instances"].gt_boxes.tensor.shape[1] == 4 and len(d["instances"]) >= 1
 
 
+@pytest.mark.parametrize("device,pin,grouping,pinned", [
+    ("cpu", True, True, False),  # nothing to copy to
+    ("cuda", True, True, True),
+    ("cuda", True, False, True),
+    ("npu:1", True, True, True),
+    ("cuda", False, True, False),
+])
+def test_train_loader_pins_memory_for_devices_with_their_own(registered_small_quickstart, device, pin, grouping,
+                                                            pinned):
+    cfg = loader_cfg(**{"MODEL.DEVICE": device, "DATALOADER.PIN_MEMORY": pin,
+                        "DATALOADER.ASPECT_RATIO_GROUPING": grouping})
+    loader = build_fsaf_train_loader(cfg)
+    torch_loader = loader if isinstance(loader, torch.utils.data.DataLoader) else loader.dataset
+    assert isinstance(torch_loader, torch.utils.data.DataLoader) and torch_loader.pin_memory is pinned
+
+
 def test_test_loader_serves_every_image_once(registered_small_quickstart, small_quickstart):
     loader = build_fsaf_test_loader(loader_cfg(), "fsaf_quickstart_val")
     ids = [d["image_id"] for batch in loader for d in batch]
