@@ -15,6 +15,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from ..config import add_fsaf_config, add_if_missing, check_choice, validate_fsaf_config
+from ..data.config_datasets import parse_register_coco
 
 __all__ = [
     "add_engine_config",
@@ -56,6 +57,11 @@ def add_engine_config(cfg):
     # SOLVER.CHECKPOINT_PERIOD) at every checkpoint boundary, so that --resume from a periodic checkpoint
     # replays exactly the batches of an uninterrupted run (fsaf_d2.engine.hooks.DeterministicDataStream)
     add_if_missing(_C.DATALOADER, "DETERMINISTIC_RESUME", True)
+
+    # ------------------------------------------------------------------ datasets
+    # COCO-format datasets registered by name, no Python needed: [[NAME, JSON_FILE, IMAGE_ROOT], ...], then
+    # used in DATASETS.TRAIN / TEST; classes come from the json (fsaf_d2.data.config_datasets)
+    add_if_missing(_C.DATASETS, "REGISTER_COCO", [])
 
     # ------------------------------------------------------------------ weight EMA (d2go's key names)
     # keep an exponential moving average of the weights; evaluation and model_final.pth use it
@@ -165,6 +171,7 @@ def validate_engine_config(cfg) -> None:
     check_choice("SOLVER.AMP.PRECISION", cfg.SOLVER.AMP.PRECISION)
     check_choice("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND)
     check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER)
+    parse_register_coco(cfg.DATASETS.REGISTER_COCO)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)
