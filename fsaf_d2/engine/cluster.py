@@ -9,7 +9,8 @@ and nodes, the first node's host name) into the variables torchrun exports (``RA
 
 When Slurm is about to preempt or time out the job, submitit signals the tasks (``USR2``, or
 ``$SUBMITIT_PREEMPT_SIGNAL``) and calls :meth:`TrainingJob.checkpoint` in task 0: it returns the same job
-with ``args.resume = True``, which submitit pickles and requeues. The requeued tasks resume from
+with ``args.resume = True``, which submitit pickles and requeues (a restart by Slurm itself, seen in
+``SLURM_RESTART_COUNT``, resumes too). The requeued tasks resume from
 ``OUTPUT_DIR/last_checkpoint`` (the last periodic checkpoint: ``SOLVER.CHECKPOINT_PERIOD`` bounds the
 work lost), on a new ``MASTER_PORT``. :func:`build_executor` prepares submitit's executor (``slurm``, or
 ``local`` for one machine without Slurm, which tests use).
@@ -83,17 +84,22 @@ class TrainingJob:
         self.args = args
         self.attempt = attempt
 
+    def args_for_this_start(self):
+        """``args``, with ``resume`` set when Slurm restarted the job by itself (``SLURM_RESTART_COUNT`` > 0,
+        e.g. a requeue after a node failure, which does not go through :meth:`checkpoint`)."""
+        if self.args.resume or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) == 0:
+            return self.args
+        args = copy.deepcopy(self.args)
+        args.resume = True
+        return args
+
     def __call__(self):
         submitit = import_submitit()
         job_env = submitit.JobEnvironment()
         os.environ.update(dist_env_of(job_env, master_port(job_env.job_id, self.attempt)))
-        logger.info(f"{job_env}, start {self.attempt + 1}, resume={self.args.resume}")
-        return launch(
-            self.main_func,
-            self.args.num_gpus,
-            args=(self.args,),
-            device_type=pre_launch(self.args),
-        )
+        args = self.args_for_this_start()
+        logger.info(f"{job_env}, start {self.attempt + 1}, resume={args.resume}")
+        return launch(self.main_func, args.num_gpus, args=(args,), device_type=pre_launch(args))
 
     def checkpoint(self, *args, **kwargs):
         """Called by submitit in task 0 before a requeue: the same job, resuming from ``last_checkpoint``."""

@@ -55,6 +55,17 @@ def test_checkpoint_requeues_with_resume():
     assert args.resume is False  # the first start's arguments are left alone
 
 
+def test_a_restart_by_slurm_resumes(monkeypatch):
+    """A requeue that did not go through checkpoint() (e.g. a node failure) still resumes."""
+    job = TrainingJob(print, argparse.Namespace(resume=False, num_gpus=1))
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert job.args_for_this_start().resume is False
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert job.args_for_this_start().resume is False
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert job.args_for_this_start().resume is True and job.args.resume is False
+
+
 def test_bad_config_fails_before_submitting(tmp_path):
     """The submitting process checks the config (here a missing dataset file): nothing reaches the queue."""
     opts = ["DATASETS.REGISTER_COCO", repr([("mine", str(tmp_path / "missing.json"), str(tmp_path))])]
