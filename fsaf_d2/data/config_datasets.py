@@ -33,7 +33,6 @@ __all__ = [
     "check_config_datasets",
     "parse_register_coco",
     "read_coco_categories",
-    "read_coco_classes",
     "register_config_datasets",
 ]
 
@@ -120,22 +119,12 @@ def read_coco_categories(json_file: str) -> List[Tuple[int, str]]:
     return list(_read_categories(os.path.abspath(json_file), st.st_mtime_ns, st.st_size))
 
 
-def read_coco_classes(json_file: str) -> List[str]:
-    """Class names of the COCO json ``json_file``, ordered by category id (see :func:`read_coco_categories`)."""
-    return [name for _, name in read_coco_categories(json_file)]
-
-
 def _register(entry: CocoEntry, categories: List[Tuple[int, str]]) -> None:
     """Register ``entry`` (idempotent for the same files; replaces an earlier registration of ours)."""
     files = (os.path.abspath(entry.json_file), os.path.abspath(entry.image_root))
     if entry.name in DatasetCatalog.list():
         if _registered.get(entry.name) == files:
             return
-        if entry.name not in _registered:
-            raise ValueError(
-                f"{KEY} entry '{entry.name}': the name is already registered (a Detectron2 builtin or registered by "
-                f"code: {MetadataCatalog.get(entry.name).get('json_file', 'no json file')}); choose another name"
-            )
         DatasetCatalog.remove(entry.name)
         MetadataCatalog.remove(entry.name)
     # the same thing_classes / id map that load_coco_json sets when the data is loaded (ids sorted)
@@ -180,10 +169,16 @@ def check_config_datasets(cfg) -> Dict[str, List[Tuple[int, str]]]:
 
     Raises:
         FileNotFoundError: a json file or image folder is missing (the entry and key are named).
-        ValueError: malformed entry, json without categories, class lists or class count mismatch.
+        ValueError: malformed entry, name registered by other code, json without categories, class lists or
+            class count mismatch.
     """
     categories_by_name = {}
     for entry in parse_register_coco(cfg.DATASETS.get("REGISTER_COCO", [])):
+        if entry.name in DatasetCatalog.list() and entry.name not in _registered:
+            raise ValueError(
+                f"{KEY} entry '{entry.name}': the name is already registered (a Detectron2 builtin or registered by "
+                f"code: {MetadataCatalog.get(entry.name).get('json_file', 'no json file')}); choose another name"
+            )
         try:
             categories = read_coco_categories(entry.json_file)
             if not os.path.isdir(entry.image_root):
@@ -201,8 +196,7 @@ def register_config_datasets(cfg) -> List[str]:
     """Register the datasets of ``cfg.DATASETS.REGISTER_COCO`` after :func:`check_config_datasets`.
 
     Returns:
-        the registered names. Registering the same files again is a no-op; a name already registered by
-        other code (e.g. a Detectron2 builtin) raises ``ValueError``.
+        the registered names. Registering the same files again is a no-op.
     """
     entries = parse_register_coco(cfg.DATASETS.get("REGISTER_COCO", []))
     categories_by_name = check_config_datasets(cfg)

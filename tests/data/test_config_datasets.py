@@ -56,6 +56,14 @@ def test_registers_with_classes_from_the_json(own_data):
     register_config_datasets(cfg)  # again: the same files are a no-op
 
 
+def test_demo_class_names_come_from_the_json(own_data):
+    from fsaf_d2.visualization import class_metadata
+
+    missing = [own_data["val"][0], str(own_data["root"] / "gone.json"), own_data["val"][2]]
+    assert class_metadata(_cfg(own_data, [missing])).get("thing_classes", None) is None  # ids shown, no crash
+    assert class_metadata(_cfg(own_data)).thing_classes == CLASSES_BY_ID
+
+
 def test_key_from_yaml_and_command_line(own_data, tmp_path):
     """The key is a list of [name, json, image folder] in a YAML file or as a ``KEY VALUE`` override."""
     yaml = tmp_path / "own.yaml"
