@@ -44,6 +44,7 @@ setup(
         "vis": ["opencv-python-headless"],
         "export": ["onnx>=1.16", "onnxruntime>=1.17"],
         "test": ["pytest", "pytest-timeout"],
+        "cluster": ["submitit>=1.5"],  # tools/submit_slurm.py, fsaf_d2.engine.cluster
     },
     entry_points={
         "console_scripts": [

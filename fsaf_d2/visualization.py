@@ -7,6 +7,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from PIL import Image
 
+from .data.config_datasets import register_config_datasets
 from .predictor import Predictor, read_rgb
 
 __all__ = ["MIN_DRAWING_SIDE", "class_metadata", "draw_detections"]
@@ -18,7 +19,15 @@ MIN_DRAWING_SIDE = 512
 
 
 def class_metadata(cfg):
-    """Metadata of ``cfg.DATASETS.TEST[0]`` if it is registered, else an empty one (class ids are shown)."""
+    """Metadata of ``cfg.DATASETS.TEST[0]`` if it is registered, else an empty one (class ids are shown).
+
+    Datasets of ``DATASETS.REGISTER_COCO`` are registered first; when their files are not on this machine,
+    a warning is logged and the class ids are shown.
+    """
+    try:
+        register_config_datasets(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        logger.warning(f"Class names not available: {e}")
     if len(cfg.DATASETS.TEST) and cfg.DATASETS.TEST[0] in DatasetCatalog.list():
         return MetadataCatalog.get(cfg.DATASETS.TEST[0])
     return Metadata()

@@ -24,7 +24,9 @@ if [ -n "${ASCEND_SET_ENV:-}" ]; then
   # shellcheck disable=SC1090
   source "$ASCEND_SET_ENV"
 fi
-if [ -n "${DATA_PATH:-}" ]; then export DETECTRON2_DATASETS="$DATA_PATH"; fi
+# DATA_PATH: the COCO folder (Ascend ModelZoo layout COCO/annotations + COCO/images/{train,val}2017) or a
+# folder holding coco/ or COCO/; fsaf_d2.data.coco_layout reads it when the data is built
+if [ -n "${DATA_PATH:-}" ]; then export DATA_PATH DETECTRON2_DATASETS="$DATA_PATH"; fi
 unset TORCH_TRANSFER_TO_NPU  # fsaf_d2 uses its own device layer, never transfer_to_npu
 
 # run_train_net ARGS...: train_net.py on NUM_DEVICES workers per machine (NNODES machines)

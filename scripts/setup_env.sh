@@ -23,11 +23,11 @@ D2_DEPS=(
   "faster-coco-eval>=1.6"
   "omegaconf>=2.1,<2.4" "hydra-core>=1.1" "yacs>=0.1.8" "termcolor>=1.1" tabulate cloudpickle
   "tqdm>4.29.0" tensorboard matplotlib packaging "Pillow>=7.1" "opencv-python-headless" "pytest" "pytest-timeout"
-  "onnx>=1.16" "onnxruntime>=1.17"
+  "onnx>=1.16" "onnxruntime>=1.17" "submitit>=1.5"
 )
 D2_WHEEL="sal-detectron2==0.7.2"
 STAMP="$VENV/.fsaf_d2_env_stamp"
-STAMP_VALUE="$TORCH_SPEC $TORCHVISION_SPEC ${D2_DEPS[*]} $D2_WHEEL v3"
+STAMP_VALUE="$TORCH_SPEC $TORCHVISION_SPEC ${D2_DEPS[*]} $D2_WHEEL v4"
 
 log() { printf '[setup_env] %s\n' "$*"; }
 
@@ -54,9 +54,9 @@ if ! "$PY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.
   "${PIP[@]}" install "$TORCH_SPEC" "$TORCHVISION_SPEC"
 fi
 
-log "installing Detectron2's dependencies (and faster-coco-eval, opencv, onnx/onnxruntime, pytest)"
+log "installing Detectron2's dependencies (and faster-coco-eval, opencv, onnx/onnxruntime, pytest, submitit)"
 "${PIP[@]}" install "${D2_DEPS[@]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-"$PY" -c "import fvcore, iopath, pycocotools, faster_coco_eval, cv2, onnxruntime, pytest" || { log "dependency install failed"; exit 1; }
+"$PY" -c "import fvcore, iopath, pycocotools, faster_coco_eval, cv2, onnxruntime, pytest, submitit" || { log "dependency install failed"; exit 1; }
 
 if "$PY" -c "import detectron2, sys; sys.exit(0 if hasattr(__import__('detectron2.utils.comm', fromlist=['x']), 'create_local_process_group') else 1)" >/dev/null 2>&1 \
    && ! "$PY" -m pip show -q sal-detectron2 >/dev/null 2>&1; then

@@ -10,7 +10,8 @@
 #   DEVICE [npu]            cuda | npu | cpu  (MODEL.DEVICE)
 #   NUM_DEVICES [8]         worker processes (= devices) per machine
 #   CONFIG [configs/fsaf_R50_FPN_1x.yaml]
-#   DATA_PATH               folder holding coco/ (exported as DETECTRON2_DATASETS)
+#   DATA_PATH               the COCO folder (COCO/annotations + COCO/images/{train,val}2017, the Ascend
+#                           ModelZoo layout) or a folder holding coco/ or COCO/ (also DETECTRON2_DATASETS)
 #   OUTPUT_DIR [output/train_full_<device>_<N>p]
 #   BATCH_PER_DEVICE [2]    images per device; the config's schedule is for 8 x 2 = 16 images and is
 #                           rescaled linearly for other totals (Detectron2's SOLVER.REFERENCE_WORLD_SIZE)

@@ -5,10 +5,13 @@ directory of the top-level conftest.py).
 (``modeling/fsaf_testing.tiny_cfg``, ``data/fsaf_data_helpers.loader_cfg``, ``engine/engine_testutils.tiny_cfg``
 and the parity test's ``fsaf_cfg``).
 """
+import json
 import os
 from typing import Sequence
 
+import numpy as np
 from detectron2.config import get_cfg
+from PIL import Image
 
 from fsaf_d2.config import add_fsaf_config
 from fsaf_d2.engine.config import add_engine_config
@@ -43,3 +46,54 @@ def make_cfg(config_file: str = "", opts: Sequence = (), freeze: bool = False, *
     if freeze:
         cfg.freeze()
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def write_tiny_coco(image_dir: str, json_path: str, num_images: int, categories, seed: int = 0):
+    """Write ``num_images`` PNGs (64-96 px) with 1-2 coloured boxes each, and a COCO instances json.
+
+    Args:
+        categories: COCO ``categories`` list; boxes use the first two ids.
+    """
+    rng = np.random.RandomState(seed)
+    os.makedirs(image_dir, exist_ok=True)
+    os.makedirs(os.path.dirname(json_path), exist_ok=True)
+    images, annotations = [], []
+    for i in range(num_images):
+        h, w = (64, 96) if i % 2 == 0 else (96, 64)
+        img = np.full((h, w, 3), 40, dtype=np.uint8) + rng.randint(0, 20, (h, w, 3)).astype(np.uint8)
+        for j in range(1 + i % 2):
+            bw, bh = rng.randint(16, 32), rng.randint(16, 32)
+            x0, y0 = rng.randint(0, w - bw), rng.randint(0, h - bh)
+            img[y0 : y0 + bh, x0 : x0 + bw] = (200, 60, 60) if j == 0 else (60, 200, 60)
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": i + 1,
+                    "category_id": categories[j]["id"],
+                    "bbox": [float(x0), float(y0), float(bw), float(bh)],
+                    "area": float(bw * bh),
+                    "iscrowd": 0,
+                }
+            )
+        name = f"{i:04d}.png"
+        Image.fromarray(img).save(os.path.join(image_dir, name))
+        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
+    with open(json_path, "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    return json_path
+
+
+def write_coco_2017(coco_dir: str, image_dir: str = "{split}", num_train: int = 4, num_val: int = 4) -> str:
+    """Tiny COCO 2017 train/val with the 80 COCO categories in ``coco_dir``: ``annotations/instances_
+    {train,val}2017.json`` and images in ``image_dir`` ("{split}": Detectron2's layout, "images/{split}": the
+    Ascend ModelZoo's). Returns ``coco_dir``."""
+    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
+
+    cats = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
+    for split, num, seed in (("train2017", num_train, 1), ("val2017", num_val, 2)):
+        write_tiny_coco(os.path.join(coco_dir, image_dir.format(split=split)),
+                        os.path.join(coco_dir, "annotations", f"instances_{split}.json"), num, cats, seed=seed)
+    return coco_dir

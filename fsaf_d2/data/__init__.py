@@ -17,6 +17,8 @@ from .checks import (  # noqa: F401
     check_datasets,
     filter_training_annotations,
 )
+from .coco_layout import resolve_coco_dataset  # noqa: F401
+from .config_datasets import register_config_datasets  # noqa: F401
 from .datasets import (  # noqa: F401
     QUICKSTART_DATASETS,
     ensure_quickstart,

@@ -8,6 +8,7 @@ from detectron2.data.build import build_batch_data_loader
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
 
 from .checks import check_datasets, check_num_classes, filter_training_annotations
+from .config_datasets import register_config_datasets
 from .mapper import FSAFDatasetMapper
 
 __all__ = [
@@ -33,8 +34,10 @@ def get_fsaf_train_dataset_dicts(cfg) -> List[dict]:
 
     Fails early on unregistered names and missing files; drops degenerate boxes; removes images without
     a usable box if ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` (with logged counts); raises ``ValueError`` if
-    nothing usable is left or a category id does not fit the model's number of classes.
+    nothing usable is left or a category id does not fit the model's number of classes. Datasets of
+    ``DATASETS.REGISTER_COCO`` are registered first.
     """
+    register_config_datasets(cfg)
     names = check_datasets(cfg.DATASETS.TRAIN, "DATASETS.TRAIN")
     dicts = get_detection_dataset_dicts(
         names,
@@ -109,5 +112,6 @@ def pin_memory(cfg) -> bool:
 
 def build_fsaf_test_loader(cfg, dataset_name: Union[str, List[str]]):
     """Inference loader of one test dataset (batch size 1, :class:`FSAFDatasetMapper` in test mode)."""
+    register_config_datasets(cfg)
     names = check_datasets(dataset_name, "DATASETS.TEST")
     return build_detection_test_loader(cfg, names, mapper=FSAFDatasetMapper(cfg, False))

@@ -5,7 +5,9 @@ it. Policies (see also :class:`fsaf_d2.data.FSAFDatasetMapper`):
 
 * unregistered dataset name -> :class:`DatasetNotRegisteredError` listing similar registered names;
 * missing annotation json / image directory of a json-backed dataset -> ``FileNotFoundError`` naming the
-  path (for COCO names: the expected ``datasets/coco`` layout and ``$DETECTRON2_DATASETS``);
+  path (for COCO names: the expected ``datasets/coco`` layout and ``$DETECTRON2_DATASETS``); the builtin
+  ``coco_2017_train`` / ``coco_2017_val`` are first pointed at whichever of Detectron2's and the Ascend
+  ModelZoo's layouts exists (:mod:`fsaf_d2.data.coco_layout`), else the error names both;
 * unreadable / corrupt image -> :class:`ImageReadError` naming the file (raised, never skipped: skipping
   silently changes the training set, and in evaluation it would change the metrics);
 * boxes of zero or negative width/height (after clipping to the image) are dropped with a logged count;
@@ -17,12 +19,13 @@ import difflib
 import logging
 import os
 from collections import Counter
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
 from ..utils.io import is_local
+from .coco_layout import COCO_2017_SPLITS, layouts_description, resolve_coco_dataset
 
 __all__ = [
     "DatasetNotRegisteredError",
@@ -32,6 +35,7 @@ __all__ = [
     "check_datasets",
     "filter_training_annotations",
     "check_num_classes",
+    "num_classes_key",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,6 +104,8 @@ def _missing_file_hint(name: str) -> str:
 
         root = registered_quickstart_root() or "datasets/fsaf_quickstart"
         return f"Generate the quickstart dataset with:\n    {generate_command(root)}"
+    if name in COCO_2017_SPLITS:
+        return layouts_description(COCO_2017_SPLITS[name])
     if "coco" in name:
         return _coco_layout_hint(name)
     return "Check the paths given to register_coco_instances() (or your own registration function)."
@@ -126,7 +132,7 @@ def check_dataset_files(name: str) -> None:
 
 
 def check_datasets(names: Iterable[str], cfg_key: str) -> List[str]:
-    """Run the registration and file checks on each name; return the names as a list."""
+    """Run the registration and file checks on each name (after :func:`resolve_coco_dataset`); return the names."""
     if isinstance(names, str):
         names = [names]
     names = list(names)
@@ -135,6 +141,7 @@ def check_datasets(names: Iterable[str], cfg_key: str) -> List[str]:
     for name in names:
         check_dataset_registered(name, cfg_key)
     for name in names:
+        resolve_coco_dataset(name)
         check_dataset_files(name)
     return names
 
@@ -233,14 +240,21 @@ def filter_training_annotations(
 _NUM_CLASSES_KEYS = {"FSAF": ("FSAF", "NUM_CLASSES"), "RetinaNet": ("RETINANET", "NUM_CLASSES")}
 
 
+def num_classes_key(cfg) -> Optional[Tuple[str, str]]:
+    """``("FSAF", "NUM_CLASSES")``-style key of the model's number of classes under ``cfg.MODEL``, or None
+    for meta-architectures other than FSAF and RetinaNet."""
+    keys = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
+    return keys if keys is not None and keys[0] in cfg.MODEL else None
+
+
 def check_num_classes(cfg, dataset_names: Sequence[str], dataset_dicts: List[dict]) -> None:
     """Raise if a category id of the data is >= the model's number of classes (key named in the error).
 
     Checked for the FSAF and RetinaNet meta-architectures; a model with *more* classes than the dataset's
     ``thing_classes`` only gets a warning (it trains, but wastes outputs).
     """
-    keys = _NUM_CLASSES_KEYS.get(cfg.MODEL.META_ARCHITECTURE)
-    if keys is None or keys[0] not in cfg.MODEL:
+    keys = num_classes_key(cfg)
+    if keys is None:
         return
     num_classes = cfg.MODEL[keys[0]][keys[1]]
     key = f"MODEL.{keys[0]}.{keys[1]}"

@@ -15,6 +15,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from ..config import add_fsaf_config, add_if_missing, check_choice, validate_fsaf_config
+from ..data.config_datasets import parse_register_coco
 
 __all__ = [
     "add_engine_config",
@@ -66,6 +67,11 @@ def add_engine_config(cfg):
     # page-locked batches from the loader's pin-memory thread, so that the model's host-to-device copies of the
     # uint8 images do not block the host. Only where there is a device to copy to (cuda, npu); ignored on cpu
     add_if_missing(_C.DATALOADER, "PIN_MEMORY", True)
+
+    # ------------------------------------------------------------------ datasets
+    # COCO-format datasets registered by name, no Python needed: [[NAME, JSON_FILE, IMAGE_ROOT], ...], then
+    # used in DATASETS.TRAIN / TEST; classes come from the json (fsaf_d2.data.config_datasets)
+    add_if_missing(_C.DATASETS, "REGISTER_COCO", [])
 
     # ------------------------------------------------------------------ weight EMA (d2go's key names)
     # keep an exponential moving average of the weights; evaluation and model_final.pth use it
@@ -176,6 +182,7 @@ def validate_engine_config(cfg) -> None:
     check_choice("TEST.COCO_EVAL_BACKEND", cfg.TEST.COCO_EVAL_BACKEND)
     check_choice("SOLVER.OPTIMIZER", cfg.SOLVER.OPTIMIZER)
     check_choice("SOLVER.COMPILE.MODE", cfg.SOLVER.COMPILE.MODE)
+    parse_register_coco(cfg.DATASETS.REGISTER_COCO)
     clip = cfg.SOLVER.CLIP_GRADIENTS
     if clip.ENABLED:
         check_choice("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", clip.CLIP_TYPE)

@@ -32,6 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
 from detectron2.utils.logger import setup_logger
 
+from ..data.config_datasets import check_config_datasets
 from .checkpoint import AtomicCheckpointer, ModelRunningScalars
 from .comm import create_ddp_model, patch_detectron2
 from .compile import check_compile_support, compile_static_training_step
@@ -74,9 +75,11 @@ def pre_launch(args) -> str:
 
     For npu this exports the ``NPU.ENV`` defaults (keys not already set) *before* ``torch_npu`` is
     imported: torch_npu reads variables such as ``TASK_QUEUE_ENABLE`` when it initialises, and spawned
-    workers inherit the environment. :func:`prepare_worker` applies them again (no-op if set).
+    workers inherit the environment. :func:`prepare_worker` applies them again (no-op if set). The entries
+    of ``DATASETS.REGISTER_COCO`` are checked here, so a bad one fails before any worker starts.
     """
     cfg = config_from_args(args, freeze=False)
+    check_config_datasets(cfg)  # a bad DATASETS.REGISTER_COCO entry fails before any worker starts
     if device_type_of(cfg.MODEL.DEVICE) == "npu":
         apply_npu_env_defaults(cfg.NPU.ENV)
     return cfg.MODEL.DEVICE

@@ -8,12 +8,10 @@ import os
 import sys
 import uuid
 
-import numpy as np
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from PIL import Image
 
-from helpers import REPO_ROOT, make_cfg, override_opts
+from helpers import REPO_ROOT, make_cfg, override_opts, write_coco_2017, write_tiny_coco  # noqa: F401
 
 #: detector used by the engine tests ("RetinaNet" or "FSAF")
 META_ARCH = os.environ.get("FSAF_ENGINE_TEST_ARCH", "FSAF")
@@ -100,41 +98,6 @@ def opts_to_yaml(opts, path: str) -> str:
 # ---------------------------------------------------------------------------------------------- data
 
 
-def write_tiny_coco(image_dir: str, json_path: str, num_images: int, categories, seed: int = 0):
-    """Write ``num_images`` PNGs (64-96 px) with 1-2 coloured boxes each, and a COCO instances json.
-
-    Args:
-        categories: COCO ``categories`` list; boxes use the first two ids.
-    """
-    rng = np.random.RandomState(seed)
-    os.makedirs(image_dir, exist_ok=True)
-    os.makedirs(os.path.dirname(json_path), exist_ok=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        h, w = (64, 96) if i % 2 == 0 else (96, 64)
-        img = np.full((h, w, 3), 40, dtype=np.uint8) + rng.randint(0, 20, (h, w, 3)).astype(np.uint8)
-        for j in range(1 + i % 2):
-            bw, bh = rng.randint(16, 32), rng.randint(16, 32)
-            x0, y0 = rng.randint(0, w - bw), rng.randint(0, h - bh)
-            img[y0 : y0 + bh, x0 : x0 + bw] = (200, 60, 60) if j == 0 else (60, 200, 60)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": categories[j]["id"],
-                    "bbox": [float(x0), float(y0), float(bw), float(bh)],
-                    "area": float(bw * bh),
-                    "iscrowd": 0,
-                }
-            )
-        name = f"{i:04d}.png"
-        Image.fromarray(img).save(os.path.join(image_dir, name))
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-    with open(json_path, "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-    return json_path
-
-
 def register_tiny_coco(root: str, num_images: int = 4, seed: int = 0, prefix: str = "engine_tiny"):
     """Write a 2-class tiny dataset under ``root`` and register it under a unique name.
 
@@ -157,14 +120,7 @@ def write_builtin_coco_layout(root: str, num_train: int = 4, num_val: int = 4) -
     """Tiny data in Detectron2's builtin COCO layout, so ``DETECTRON2_DATASETS=root`` makes
     ``coco_2017_train`` / ``coco_2017_val`` point at it in any (sub)process. Uses the 80 COCO categories.
     """
-    from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-
-    cats = [{"id": c["id"], "name": c["name"]} for c in COCO_CATEGORIES if c["isthing"]]
-    coco = os.path.join(root, "coco")
-    write_tiny_coco(os.path.join(coco, "train2017"), os.path.join(coco, "annotations", "instances_train2017.json"),
-                    num_train, cats, seed=1)
-    write_tiny_coco(os.path.join(coco, "val2017"), os.path.join(coco, "annotations", "instances_val2017.json"),
-                    num_val, cats, seed=2)
+    write_coco_2017(os.path.join(root, "coco"), "{split}", num_train, num_val)
     return root
 
 
