@@ -3,7 +3,7 @@
 
     python tools/benchmark_data.py --images 64 --size 480x640 --batch 16 --workers 0 2 --backends pil cv2
 
-(installed: ``fsaf-benchmark-data ...``, with ``--config-file``: an installed fsaf_d2 has no configs/ folder).
+(installed: ``fsaf-benchmark-data ...``; ``--config-file`` takes a path or a shipped config's name).
 
 It writes ``--images`` synthetic COCO-like JPEGs (``--size`` HxW, smooth content plus noise, ``--boxes``
 boxes each over 80 categories) and a COCO json to a temporary folder, registers them, and times the loader
@@ -27,9 +27,7 @@ import numpy as np
 from fsaf_d2.config import FSAF_VALID_CHOICES
 from fsaf_d2.data import build_fsaf_train_loader
 from fsaf_d2.engine import build_config
-
-#: the repository's configs/, next to tools/ (an installed fsaf_d2 has none: give --config-file)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from fsaf_d2.model_zoo import get_config_file, resolve_config_file
 
 
 def parse_args(argv=None):
@@ -52,13 +50,15 @@ def parse_args(argv=None):
         help="untimed batches per setting (worker start-up); -1 = 2 x workers + 1, which empties the prefetch queue",
     )
     p.add_argument(
-        "--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"),
-        help="the training config (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
+        "--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"),
+        help="the training config (default: the shipped configs/fsaf_R50_FPN_1x.yaml)",
     )
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        p.error(f"--config-file {args.config_file} does not exist (an installed fsaf_d2 has no configs/ folder)")
+    try:
+        args.config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        p.error(f"--config-file: {e}")
     return args
 
 
