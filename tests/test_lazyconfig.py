@@ -152,8 +152,8 @@ def test_npu_device_rules_give_static_shapes():
 def test_lazy_config_errors_name_the_way_forward(tmp_path):
     with pytest.raises(FileNotFoundError, match="ships no config of that name; shipped: .*quickstart_R18_FPN.py"):
         load_lazy_config(str(tmp_path / "missing.py"))
-    with pytest.raises(ValueError, match="train_net.py"):
-        load_lazy_config(shipped("fsaf_R50_FPN_1x.yaml"))
+    with pytest.raises(ValueError, match=r"fsaf_R50_FPN_1x.yaml is not a LazyConfig.*train_net.py"):
+        load_lazy_config(shipped("fsaf_R50_FPN_1x.yaml"))  # a YAML (yacs) config
 
 
 # ---------------------------------------------------------------------------------------------- entry point
@@ -172,10 +172,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_lazy(quickstart_root, out, *opts, resume=False, launcher=(sys.executable,)):
-    """``tools/lazyconfig_train_net.py`` on the quickstart LazyConfig, with a batch of 2 and ``opts``."""
-    cmd = [*launcher, tool_path("lazyconfig_train_net"), "--config-file", "configs/quickstart_R18_FPN.py"]
-    cmd += ["--resume"] if resume else []
+def run_lazy(quickstart_root, out, *opts, flags=(), launcher=(sys.executable,), config="configs/quickstart_R18_FPN.py"):
+    """``tools/lazyconfig_train_net.py`` on the quickstart LazyConfig, with a batch of 2, ``flags`` (``--resume``,
+    ``--eval-only``) and ``opts``."""
+    cmd = [*launcher, tool_path("lazyconfig_train_net"), "--config-file", config, *flags]
     cmd += [f"train.output_dir={out}", "dataloader.train.total_batch_size=2", "train.log_period=1", *opts]
     env = tool_env(FSAF_D2_DATASETS=quickstart_root, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -206,10 +206,16 @@ def test_lazy_entry_point_trains_resumes_and_evaluates_on_cpu(quickstart_root, t
     assert "copypaste: AP,AP50,AP75,APs,APm,APl" in log  # evaluated on fsaf_quickstart_val at the end
 
     # a longer schedule continues from model_final.pth (iteration 3) instead of starting over
-    log = run_lazy(quickstart_root, out, "train.max_iter=5", "train.checkpointer.period=2", resume=True)
+    log = run_lazy(quickstart_root, out, "train.max_iter=5", "train.checkpointer.period=2", flags=["--resume"])
     assert re.search(r"Loading from \S*model_final.pth", log)
     its, _ = iterations(out)
     assert its == [0, 1, 2, 3, 4]
+
+    # --eval-only on the config.yaml the run saved, with its final weights
+    log = run_lazy(quickstart_root, out + "_eval", f"train.init_checkpoint={out}/model_final.pth",
+                   flags=["--eval-only"], config=os.path.join(out, "config.yaml"))
+    assert re.search(r"Loading from \S*model_final.pth", log) and "copypaste: AP,AP50,AP75,APs,APm,APl" in log
+    assert "Starting training" not in log
 
 
 @pytest.mark.slow

@@ -65,20 +65,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 def load_lazy_config(config_file: str, opts: Sequence[str] = ()):
-    """The LazyConfig of ``config_file`` (a path or a shipped config's name) with ``key=value`` overrides, and
-    the device rules applied."""
+    """The LazyConfig of ``config_file`` (a path or a shipped config's name: a ``.py`` file, or the
+    ``config.yaml`` a LazyConfig run saves) with ``key=value`` overrides, and the device rules applied."""
     config_file = resolve_config_file(config_file)
-    if not config_file.endswith(".py"):
-        raise ValueError(
-            f"{config_file!r} is not a LazyConfig (.py): YAML configs train with train_net.py "
-            "(python train_net.py --config-file FILE, or python -m fsaf_d2.train_net)"
-        )
     cfg = LazyConfig.load(config_file)
-    cfg = LazyConfig.apply_overrides(cfg, list(opts))
     missing = [k for k in ("model", "train") if k not in cfg]
     if missing:
-        raise KeyError(f"LazyConfig {config_file} has no {missing}: a training config defines model, dataloader, "
-                       "optimizer, lr_multiplier and train")
+        raise ValueError(
+            f"{config_file} is not a LazyConfig: it has no {missing}. A LazyConfig defines model, dataloader, "
+            "optimizer, lr_multiplier and train (a .py file, or the config.yaml a LazyConfig run saves); YAML "
+            "configs with MODEL / SOLVER keys train with train_net.py (python train_net.py --config-file FILE, "
+            "installed: fsaf-train)"
+        )
+    cfg = LazyConfig.apply_overrides(cfg, list(opts))
     apply_lazy_device_rules(cfg)
     return cfg
 
