@@ -64,6 +64,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def load_lazy_config(config_file: str, opts: Sequence[str] = ()):
     """The LazyConfig of ``config_file`` (a path or a shipped config's name: a ``.py`` file, or the
     ``config.yaml`` a LazyConfig run saves) with ``key=value`` overrides, and the device rules applied."""

@@ -14,7 +14,14 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
 from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet, build_resnet_backbone
 
-__all__ = ["P6P7TopBlock", "pyramid_levels", "build_fsaf_resnet_fpn_backbone", "resnet_stages", "build_narrow_resnet", "build_fsaf_narrow_resnet_fpn_backbone"]
+__all__ = [
+    "P6P7TopBlock",
+    "pyramid_levels",
+    "build_fsaf_resnet_fpn_backbone",
+    "resnet_stages",
+    "build_narrow_resnet",
+    "build_fsaf_narrow_resnet_fpn_backbone",
+]
 
 
 #: residual blocks in res2-res5 per ResNet depth
