@@ -25,9 +25,10 @@ from tools_testing import REPO
 
 pytestmark = pytest.mark.slow
 
-#: what the wheel is not built from (a fresh clone has none of these)
+#: what the wheel is not built from (a fresh clone has none of these: .gitignore's entries and .git)
 NOT_SOURCES = shutil.ignore_patterns(
-    ".git", ".venv", "datasets", "build", "dist", "output*", ".pytest_cache", "__pycache__", "*.egg-info", "gpu_out"
+    ".git", ".venv", "datasets", "build", "dist", "output*", ".pytest_cache", "__pycache__", "*.egg-info", "gpu_out",
+    ".whl", "runs",
 )
 
 
