@@ -24,9 +24,14 @@ setup(
     # The command-line programs live in tools/ and run there as `python tools/<name>.py`, next to the
     # repository's configs/. A wheel has no tools/ folder, so it ships them as the subpackage fsaf_d2.tools
     # (package_dir), as Detectron2's setup.py ships projects/ as detectron2.projects.*; the console scripts
-    # below call their main(). An editable install maps fsaf_d2.tools to tools/ the same way.
-    packages=find_packages(exclude=("configs", "tests", "tests.*", "scripts", "tools", "tools.*")) + ["fsaf_d2.tools"],
-    package_dir={"fsaf_d2.tools": "tools"},
+    # below call their main() (or cli(), where main() returns a result rather than an exit status). An editable
+    # install maps fsaf_d2.tools to tools/ the same way.
+    # The configs ship the same way, as package data of fsaf_d2.model_zoo.configs (configs/ itself), for
+    # fsaf_d2.model_zoo.get_config_file() and the tools' defaults; a clone reads configs/ directly.
+    packages=find_packages(exclude=("configs", "tests", "tests.*", "scripts", "tools", "tools.*"))
+    + ["fsaf_d2.tools", "fsaf_d2.model_zoo.configs"],
+    package_dir={"fsaf_d2.tools": "tools", "fsaf_d2.model_zoo.configs": "configs"},
+    package_data={"fsaf_d2.model_zoo.configs": ["*.yaml", "*.py", "common/*.py"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -53,8 +58,10 @@ setup(
             "fsaf-benchmark-data=fsaf_d2.tools.benchmark_data:main",
             "fsaf-benchmark-eval=fsaf_d2.tools.benchmark_eval:main",
             "fsaf-benchmark-inference=fsaf_d2.tools.benchmark_inference:main",
-            "fsaf-demo=fsaf_d2.tools.demo:main",
-            "fsaf-export=fsaf_d2.tools.export:main",
+            "fsaf-demo=fsaf_d2.tools.demo:cli",
+            "fsaf-export=fsaf_d2.tools.export:cli",
+            "fsaf-train=fsaf_d2.train_net:cli",
+            "fsaf-lazy-train=fsaf_d2.tools.lazyconfig_train_net:cli",
         ]
     },
 )

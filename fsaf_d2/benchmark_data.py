@@ -38,9 +38,7 @@ from fsaf_d2.config import FSAF_VALID_CHOICES
 from fsaf_d2.data import build_fsaf_train_loader
 from fsaf_d2.engine import build_config
 from fsaf_d2.engine import device as dev
-
-#: the repository's configs/ (an installed fsaf_d2 has none: give --config-file)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+from fsaf_d2.model_zoo import get_config_file, resolve_config_file
 
 DECODERS = ("pil", "torchvision", "torchvision-cuda")
 
@@ -71,13 +69,15 @@ def parse_args(argv=None):
         help="untimed batches per setting (worker start-up); -1 = 2 x workers + 1, which empties the prefetch queue",
     )
     p.add_argument(
-        "--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"),
-        help="the training config (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
+        "--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"),
+        help="the training config: a path or a shipped config's name (default: the shipped fsaf_R50_FPN_1x.yaml)",
     )
     p.add_argument("--out", default="", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.config_file):
-        p.error(f"--config-file {args.config_file} does not exist (an installed fsaf_d2 has no configs/ folder)")
+    try:
+        args.config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        p.error(f"--config-file: {e}")
     if any(args.pin_memory) and not dev.is_accelerator(dev.device_type_of(args.device)):
         p.error(f"--pin-memory 1 needs an accelerator --device (cuda or npu), not {args.device!r}")
     return args

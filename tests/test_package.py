@@ -14,7 +14,8 @@ from tools_testing import tool_command, tool_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
-TOOLS = ["benchmark", "benchmark_data", "benchmark_eval", "benchmark_inference", "benchmark_layout", "compile_report", "convert_mmdet", "demo", "export", "submit_slurm"]
+TOOLS = ["benchmark", "benchmark_data", "benchmark_eval", "benchmark_inference", "benchmark_layout", "compile_report", "convert_mmdet", "demo", "export",
+         "lazyconfig_train_net", "submit_slurm"]
 
 
 def test_import_registers_everything():

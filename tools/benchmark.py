@@ -4,7 +4,7 @@
     python tools/benchmark.py --device cpu --batch 2 --size 320x320 --depth 50
     python tools/benchmark.py --device cuda --batch 16 --size 800x1344 --amp fp16 --out bench.json
 
-(installed: ``fsaf-benchmark ...``, with ``--config-file``: an installed fsaf_d2 has no configs/ folder).
+(installed: ``fsaf-benchmark ...``; ``--config-file`` takes a path or a shipped config's name).
 
 Every model gets the same synthetic batch (random images of one size, ``--boxes`` random COCO-like boxes
 per image over 80 classes), the same backbone (depth ``--depth``, pytorch-style stride on the 3x3 conv as
@@ -60,18 +60,17 @@ from fsaf_d2.engine import build_config
 from fsaf_d2.engine import device as dev
 from fsaf_d2.engine.compile import check_compile_support, compile_static_training_step
 from fsaf_d2.engine.train_loop import parse_precision
+from fsaf_d2.model_zoo import get_config_file, resolve_config_file
 
 MODELS = ("fsaf", "fsaf_static", "fsaf_compiled", "fsaf_retinanet", "retinanet", "fcos")
-#: the repository's configs/, next to tools/ (an installed fsaf_d2 has none: give --config-file)
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument(
-        "--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"),
-        help="config of the FSAF models (default: the repository's configs/fsaf_R50_FPN_1x.yaml)",
+        "--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"),
+        help="config of the FSAF models (default: the shipped configs/fsaf_R50_FPN_1x.yaml)",
     )
     p.add_argument(
         "--models", nargs="+", default=["fsaf", "retinanet"], type=_model_spec,
@@ -109,8 +108,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default="", help="write the results as JSON here")
     p.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if not os.path.isfile(args.config_file) and any(spec.startswith("fsaf") for spec in args.models):
-        p.error(f"--config-file {args.config_file} does not exist (an installed fsaf_d2 has no configs/ folder)")
+    try:
+        args.config_file = resolve_config_file(args.config_file)
+    except FileNotFoundError as e:
+        if any(spec.startswith("fsaf") for spec in args.models):
+            p.error(f"--config-file: {e}")
     return args
 
 

@@ -5,7 +5,7 @@ loaded the way a trained COCO model loads it.
     python tools/benchmark_inference.py --device cpu --batches 1 4 --size 512x768 --depth 50
     python tools/benchmark_inference.py --device cuda --batches 1 8 --size 800x1344 --amp fp16 --out inf.json
 
-(installed: ``fsaf-benchmark-inference ...``, with ``--config-file``: an installed fsaf_d2 has no configs/.)
+(installed: ``fsaf-benchmark-inference ...``; ``--config-file`` takes a path or a shipped config's name.)
 
 Random weights give no score above the 0.05 threshold, so the post-processing (threshold, top-k, decoding,
 NMS) would hardly run. Here every model's classifier is calibrated on each batch's images instead: its
@@ -21,7 +21,6 @@ reach NMS and the detections per image.
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 from typing import Dict, List
@@ -31,11 +30,12 @@ from detectron2.structures import ImageList
 
 import fsaf_d2  # noqa: F401  (registers FSAF)
 from fsaf_d2.benchmarking import machine_description, make_infer_call, synthetic_batch, time_alternating
+from fsaf_d2.model_zoo import get_config_file
 
 try:  # python tools/benchmark_inference.py: tools/ is on sys.path
-    from benchmark import CONFIG_DIR, build_model
+    from benchmark import build_model
 except ImportError:  # the installed fsaf_d2.tools
-    from fsaf_d2.tools.benchmark import CONFIG_DIR, build_model
+    from fsaf_d2.tools.benchmark import build_model
 
 MODELS = ("fsaf", "retinanet")
 
@@ -43,7 +43,7 @@ MODELS = ("fsaf", "retinanet")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"))
+    p.add_argument("--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"))
     p.add_argument("--models", nargs="+", default=list(MODELS), help="model specs, as in tools/benchmark.py")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="images per inference call")
     p.add_argument("--size", default="512x768", help="HxW of every image")

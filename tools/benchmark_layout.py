@@ -25,14 +25,14 @@ from detectron2.utils.events import EventStorage
 import fsaf_d2  # noqa: F401  (registers FSAF)
 from fsaf_d2.benchmarking import machine_description, training_input
 from fsaf_d2.engine import build_config
+from fsaf_d2.model_zoo import get_config_file
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 LAYOUTS = ("channels_last", "contiguous")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=os.path.join(CONFIG_DIR, "quickstart_R18_FPN.yaml"))
+    p.add_argument("--config-file", default=get_config_file("quickstart_R18_FPN.yaml"))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", default="144x144", help="HxW of the images (alternately transposed)")
     p.add_argument("--boxes", type=int, default=4)

@@ -17,10 +17,10 @@ from detectron2.modeling import build_model
 
 from fsaf_d2.benchmarking import TINY_MODEL_OPTS, training_input
 from fsaf_d2.engine import build_config
+from fsaf_d2.model_zoo import get_config_file
 from fsaf_d2.modeling.losses import fsaf_losses
 
 #: the repository's configs/, next to tools/
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def report(name, fn, *args):
@@ -36,7 +36,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="256x320")
     p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--config-file", default=os.path.join(CONFIG_DIR, "fsaf_R50_FPN_1x.yaml"))
+    p.add_argument("--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"))
     args = p.parse_args()
     h, w = (int(v) for v in args.size.split("x"))
     two_boxes = [[10, 10, 90, 120], [40, 40, 60, 70]]

@@ -19,6 +19,7 @@ import argparse
 import glob
 import os
 import re
+import sys
 from typing import List, Optional, Sequence
 
 from fsaf_d2.engine import build_config
@@ -97,5 +98,12 @@ def main(argv: Optional[Sequence[str]] = None) -> List[str]:
     return written
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point (``fsaf-demo``): :func:`main`, exit status 0 (``main`` returns what it wrote,
+    which ``sys.exit`` would print and turn into status 1)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -224,5 +225,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     return path
 
 
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point (``fsaf-export``): :func:`main`, exit status 0 (``main`` returns what it wrote,
+    which ``sys.exit`` would print and turn into status 1)."""
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -16,10 +16,6 @@ import sys
 
 from detectron2.engine import default_argument_parser
 
-#: train_net.py of the repository holding this tools/ folder
-DEFAULT_TRAIN_NET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_net.py")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = default_argument_parser(__doc__)
     job = parser.add_argument_group("job (submitit)")
@@ -34,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--name", default="fsaf_d2", help="job name")
     job.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="more sbatch options by submitit's name, e.g. account=ABC, qos=high, gres=npu:8")
-    job.add_argument("--train-net", default=DEFAULT_TRAIN_NET, help="the train_net.py whose main() runs")
+    job.add_argument("--train-net", default="",
+                     help="a train_net.py of your own whose main() runs (default: fsaf_d2.train_net's, the package's)")
     job.add_argument("--wait", action="store_true", help="wait for the job and print rank 0's result")
     return parser
 
@@ -50,9 +47,14 @@ def parse_key_values(items) -> dict:
 
 
 def load_train_net_main(path: str):
-    """``main`` of ``train_net.py``, pickled by value so that the job needs no import path to it."""
+    """``main`` of ``train_net.py`` at ``path``, pickled by value so that the job needs no import path to it;
+    with no path, the package's :func:`fsaf_d2.train_net.main` (what the repository's train_net.py runs)."""
     import cloudpickle
 
+    if not path:
+        from fsaf_d2.train_net import main as packaged_main
+
+        return packaged_main
     if not os.path.isfile(path):
         raise SystemExit(f"train_net.py not found at {path}: pass --train-net /path/to/train_net.py")
     spec = importlib.util.spec_from_file_location("train_net", path)
@@ -91,7 +93,10 @@ def submit(args):
 
 
 def main(argv=None):
+    from fsaf_d2.model_zoo import resolve_config_file
+
     args = build_parser().parse_args(argv)
+    args.config_file = resolve_config_file(args.config_file)  # a path, or a shipped config's name
     job = submit(args)
     if args.wait:
         from fsaf_d2.engine.trainer import config_from_args

@@ -16,10 +16,12 @@ from detectron2.config import get_cfg
 
 from ..config import add_fsaf_config, add_if_missing, check_choice, validate_fsaf_config
 from ..data.config_datasets import parse_register_coco
+from ..model_zoo.model_zoo import resolve_config_file
 
 __all__ = [
     "add_engine_config",
     "NPU_DEFAULT_MAX_GT",
+    "orientation_buckets",
     "apply_static_shape_defaults",
     "resolve_memory_format",
     "apply_device_rules",
@@ -109,6 +111,13 @@ def _ceil32(v: int) -> int:
     return int(-(-int(v) // 32) * 32)
 
 
+def orientation_buckets(short: int, long: int) -> list:
+    """The two static input sizes [[S, L], [L, S]] (H, W) that hold every image resized to a shorter side of at
+    most ``short`` and a longer side of at most ``long`` pixels, rounded up to multiples of 32."""
+    short, long = _ceil32(short), _ceil32(max(long, short))
+    return [[short, long], [long, short]]
+
+
 def apply_static_shape_defaults(cfg):
     """Static shapes by default on Ascend NPUs (unfrozen ``cfg``, in place; returns whether it changed).
 
@@ -124,8 +133,7 @@ def apply_static_shape_defaults(cfg):
     if not cfg.INPUT.FIXED_SIZES:
         short = max(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TEST)
         long = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
-        short, long = _ceil32(short), _ceil32(max(long, short))
-        cfg.INPUT.FIXED_SIZES = [[short, long], [long, short]]
+        cfg.INPUT.FIXED_SIZES = orientation_buckets(short, long)
         changed = True
     if cfg.MODEL.FSAF.MAX_GT == 0:
         cfg.MODEL.FSAF.MAX_GT = NPU_DEFAULT_MAX_GT
@@ -197,7 +205,8 @@ def validate_config(cfg) -> None:
 def build_config(config_file: str = "", opts: Sequence = (), freeze: bool = True):
     """The config of a YAML file and ``KEY VALUE`` overrides, as every fsaf_d2 program runs it.
 
-    Detectron2's defaults plus fsaf_d2's model and engine keys, merged from ``config_file`` (none if empty)
+    Detectron2's defaults plus fsaf_d2's model and engine keys, merged from ``config_file`` (none if empty; a path,
+    or the name of a shipped config: :func:`fsaf_d2.model_zoo.resolve_config_file`)
     and ``opts`` (a flat list ``[KEY, VALUE, ...]``, values as strings or Python objects), validated, with the
     device rules applied (:func:`apply_device_rules`). Frozen unless ``freeze`` is False.
     """
@@ -205,7 +214,7 @@ def build_config(config_file: str = "", opts: Sequence = (), freeze: bool = True
     add_fsaf_config(cfg)
     add_engine_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
+        cfg.merge_from_file(resolve_config_file(config_file))
     cfg.merge_from_list(list(opts))
     validate_config(cfg)
     apply_device_rules(cfg)

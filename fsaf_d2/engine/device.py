@@ -386,27 +386,30 @@ def apply_npu_env_defaults(env_list) -> dict:
 
 
 def apply_device_runtime(cfg) -> None:
-    """Apply per-worker runtime settings of the configured device. Call it in every worker.
+    """Apply per-worker runtime settings of ``MODEL.DEVICE`` from the ``NPU.*`` keys (:func:`apply_npu_runtime`).
+    Call it in every worker."""
+    apply_npu_runtime(cfg.MODEL.DEVICE, cfg.NPU.ENV, cfg.NPU.JIT_COMPILE, cfg.NPU.ALLOW_HF32)
 
-    For npu: ``NPU.ENV`` defaults (only keys not already in the environment), then
-    ``torch_npu.npu.set_compile_mode(jit_compile=NPU.JIT_COMPILE)`` and
-    ``torch.npu.{conv,matmul}.allow_hf32 = NPU.ALLOW_HF32``. Nothing is done (and torch_npu is not
-    imported) for cuda and cpu.
+
+def apply_npu_runtime(device: DeviceLike, env=(), jit_compile: bool = False, allow_hf32: bool = True) -> None:
+    """Per-worker runtime settings of an NPU; nothing is done (and torch_npu is not imported) for cuda and cpu.
+
+    For npu: the ``env`` defaults (``KEY=VALUE``, only keys not already in the environment), then
+    ``torch_npu.npu.set_compile_mode(jit_compile=jit_compile)`` and ``torch.npu.{conv,matmul}.allow_hf32``.
     """
-    dtype = device_type_of(cfg.MODEL.DEVICE)
-    if dtype != "npu":
+    if device_type_of(device) != "npu":
         return
-    applied = apply_npu_env_defaults(cfg.NPU.ENV)
+    applied = apply_npu_env_defaults(env)
     if applied:
         logger.info(f"NPU.ENV defaults applied: {applied}")
     torch_npu = import_torch_npu()
     npu = torch_npu.npu
     if hasattr(npu, "set_compile_mode"):
-        npu.set_compile_mode(jit_compile=bool(cfg.NPU.JIT_COMPILE))
+        npu.set_compile_mode(jit_compile=bool(jit_compile))
     else:  # pragma: no cover - very old torch_npu
         logger.warning("torch_npu.npu.set_compile_mode is missing; NPU.JIT_COMPILE is ignored")
     for sub in ("conv", "matmul"):
         mod = getattr(npu, sub, None)
         if mod is not None and hasattr(mod, "allow_hf32"):
-            mod.allow_hf32 = bool(cfg.NPU.ALLOW_HF32)
-    logger.info(f"NPU runtime: jit_compile={bool(cfg.NPU.JIT_COMPILE)}, allow_hf32={bool(cfg.NPU.ALLOW_HF32)}")
+            mod.allow_hf32 = bool(allow_hf32)
+    logger.info(f"NPU runtime: jit_compile={bool(jit_compile)}, allow_hf32={bool(allow_hf32)}")

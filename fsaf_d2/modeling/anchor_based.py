@@ -11,12 +11,13 @@ them with FSAF's before its own NMS.
 from typing import List, Tuple
 
 import torch
+from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.anchor_generator import build_anchor_generator
 from detectron2.modeling.box_regression import Box2BoxTransform
 from detectron2.modeling.matcher import Matcher
 from detectron2.modeling.meta_arch.retinanet import RetinaNet
-from torch import Tensor
+from torch import Tensor, nn
 
 from .inference import clip_boxes, gather_rows, multi_level_candidates, usable_boxes
 
@@ -29,32 +30,66 @@ class AnchorBasedBranch(RetinaNet):
     The combined model calls :meth:`forward_training` and :meth:`candidates` with the features and the
     anchor-based head outputs of its own forward pass; this branch has no ``forward`` of its own.
 
-    Args:
-        cfg: the config (``MODEL.ANCHOR_GENERATOR``, ``MODEL.RETINANET``, ``MODEL.PIXEL_MEAN``/``STD``).
-        feature_shapes: shapes of the features the outputs come from, finest first.
-        num_classes: foreground classes (the FSAF head's, ``MODEL.FSAF.NUM_CLASSES``).
+    Built from a config as ``AnchorBasedBranch(cfg, feature_shapes, num_classes)``, or from explicit
+    arguments (a LazyConfig): ``anchor_generator``, ``box2box_transform``, ``anchor_matcher``, ``num_classes``
+    and the focal / box-loss / test settings, as :class:`~detectron2.modeling.RetinaNet` takes them.
     """
 
-    def __init__(self, cfg, feature_shapes: List[ShapeSpec], num_classes: int):
-        r = cfg.MODEL.RETINANET
+    @configurable
+    def __init__(
+        self,
+        *,
+        anchor_generator: nn.Module,
+        box2box_transform: Box2BoxTransform,
+        anchor_matcher: Matcher,
+        num_classes: int,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        smooth_l1_beta: float = 0.1,
+        box_reg_loss_type: str = "smooth_l1",
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        pixel_mean: Tuple[float, ...] = (0.0, 0.0, 0.0),
+        pixel_std: Tuple[float, ...] = (1.0, 1.0, 1.0),
+    ):
         super().__init__(
             backbone=None,
             head=None,
             head_in_features=[],
-            anchor_generator=build_anchor_generator(cfg, feature_shapes),
-            box2box_transform=Box2BoxTransform(weights=r.BBOX_REG_WEIGHTS),
-            anchor_matcher=Matcher(r.IOU_THRESHOLDS, r.IOU_LABELS, allow_low_quality_matches=True),
+            anchor_generator=anchor_generator,
+            box2box_transform=box2box_transform,
+            anchor_matcher=anchor_matcher,
             num_classes=num_classes,
-            focal_loss_alpha=r.FOCAL_LOSS_ALPHA,
-            focal_loss_gamma=r.FOCAL_LOSS_GAMMA,
-            smooth_l1_beta=r.SMOOTH_L1_LOSS_BETA,
-            box_reg_loss_type=r.BBOX_REG_LOSS_TYPE,
-            test_score_thresh=r.SCORE_THRESH_TEST,
-            test_topk_candidates=r.TOPK_CANDIDATES_TEST,
-            pixel_mean=cfg.MODEL.PIXEL_MEAN,
-            pixel_std=cfg.MODEL.PIXEL_STD,
+            focal_loss_alpha=focal_loss_alpha,
+            focal_loss_gamma=focal_loss_gamma,
+            smooth_l1_beta=smooth_l1_beta,
+            box_reg_loss_type=box_reg_loss_type,
+            test_score_thresh=test_score_thresh,
+            test_topk_candidates=test_topk_candidates,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
         self.loss_normalizer = 100.0  # Detectron2's EMA start value (saved by ModelRunningScalars)
+
+    @classmethod
+    def from_config(cls, cfg, feature_shapes: List[ShapeSpec], num_classes: int):
+        """Args: ``cfg`` (``MODEL.ANCHOR_GENERATOR``, ``MODEL.RETINANET``, ``MODEL.PIXEL_MEAN``/``STD``), the
+        shapes of the features the outputs come from (finest first), and the FSAF head's number of classes."""
+        r = cfg.MODEL.RETINANET
+        return {
+            "anchor_generator": build_anchor_generator(cfg, feature_shapes),
+            "box2box_transform": Box2BoxTransform(weights=r.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(r.IOU_THRESHOLDS, r.IOU_LABELS, allow_low_quality_matches=True),
+            "num_classes": num_classes,
+            "focal_loss_alpha": r.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": r.FOCAL_LOSS_GAMMA,
+            "smooth_l1_beta": r.SMOOTH_L1_LOSS_BETA,
+            "box_reg_loss_type": r.BBOX_REG_LOSS_TYPE,
+            "test_score_thresh": r.SCORE_THRESH_TEST,
+            "test_topk_candidates": r.TOPK_CANDIDATES_TEST,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+        }
 
     @torch.jit.unused
     def forward(self, batched_inputs):

@@ -5,14 +5,27 @@ hold parameters that never receive a gradient, which DistributedDataParallel ref
 iteration.
 """
 import re
+from typing import List, Optional
 
 import torch.nn.functional as F
+from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, FPN
 from detectron2.modeling.backbone.fpn import LastLevelP6P7
-from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, ResNet, build_resnet_backbone
+from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock, ResNet, build_resnet_backbone
 
-__all__ = ["P6P7TopBlock", "pyramid_levels", "build_fsaf_resnet_fpn_backbone", "build_narrow_resnet", "build_fsaf_narrow_resnet_fpn_backbone"]
+__all__ = [
+    "P6P7TopBlock",
+    "pyramid_levels",
+    "build_fsaf_resnet_fpn_backbone",
+    "resnet_stages",
+    "build_narrow_resnet",
+    "build_fsaf_narrow_resnet_fpn_backbone",
+]
+
+
+#: residual blocks in res2-res5 per ResNet depth
+_STAGE_BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 
 
 class P6P7TopBlock(LastLevelP6P7):
@@ -46,31 +59,65 @@ class P6P7TopBlock(LastLevelP6P7):
         return [p6, self.p7(F.relu(p6) if self.relu_before_p7 else p6)]
 
 
-def build_narrow_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
-    """A ResNet-18/34 of any width, from Detectron2's own blocks (Detectron2's builder fixes res2 at 64).
+def resnet_stages(
+    depth: int,
+    *,
+    norm: str = "BN",
+    stem_out_channels: int = 64,
+    res2_out_channels: Optional[int] = None,
+    num_groups: int = 1,
+    width_per_group: int = 64,
+    stride_in_1x1: bool = True,
+) -> List[List[nn.Module]]:
+    """The res2-res5 stages of a ResNet / ResNeXt of any width, for ``ResNet(stem, stages, ...)``.
 
-    Widths: stem ``MODEL.RESNETS.STEM_OUT_CHANNELS``, res2 ``MODEL.RESNETS.RES2_OUT_CHANNELS``, doubling per
-    stage; ``MODEL.RESNETS.NORM``, ``MODEL.BACKBONE.FREEZE_AT`` and ``OUT_FEATURES`` as usual. Used by the
-    CPU quickstart, where a 32-wide ResNet-18 trains four times faster than the standard one.
+    Unlike Detectron2's ``ResNet.make_default_stages``, the widths are free: res2 outputs
+    ``res2_out_channels`` (default 64 for ResNet-18/34, 256 from ResNet-50 on), doubling per stage; bottleneck
+    blocks have ``num_groups * width_per_group`` channels in res2 (ResNeXt-101 64x4d: 64 x 4), doubling too.
+    Stride 2 in the first block of res3-res5. LazyConfigs call it for the quickstart's half-width ResNet-18
+    and for ResNeXt; :func:`build_narrow_resnet` for the YAML configs.
     """
-    r = cfg.MODEL.RESNETS
-    blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}.get(r.DEPTH)
+    blocks = _STAGE_BLOCKS.get(depth)
     if blocks is None:
-        raise ValueError(f"build_fsaf_narrow_resnet_fpn_backbone supports MODEL.RESNETS.DEPTH 18 or 34, got {r.DEPTH}")
-    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
-    stages, in_channels, out_channels = [], r.STEM_OUT_CHANNELS, r.RES2_OUT_CHANNELS
+        raise ValueError(f"ResNet depth must be one of {sorted(_STAGE_BLOCKS)}, got {depth}")
+    basic = depth < 50
+    out_channels = res2_out_channels or (64 if basic else 256)
+    bottleneck_channels = num_groups * width_per_group
+    stages, in_channels = [], stem_out_channels
     for i, n in enumerate(blocks):
+        kwargs = {"norm": norm}
+        if not basic:
+            kwargs.update(
+                bottleneck_channels=bottleneck_channels, num_groups=num_groups, stride_in_1x1=stride_in_1x1
+            )
         stages.append(
             ResNet.make_stage(
-                BasicBlock,
+                BasicBlock if basic else BottleneckBlock,
                 n,
                 stride_per_block=[1 if i == 0 else 2] + [1] * (n - 1),
                 in_channels=in_channels,
                 out_channels=out_channels,
-                norm=r.NORM,
+                **kwargs,
             )
         )
-        in_channels, out_channels = out_channels, out_channels * 2
+        in_channels, out_channels, bottleneck_channels = out_channels, out_channels * 2, bottleneck_channels * 2
+    return stages
+
+
+def build_narrow_resnet(cfg, input_shape: ShapeSpec) -> ResNet:
+    """A ResNet-18/34 of any width, from Detectron2's own blocks (Detectron2's builder fixes res2 at 64).
+
+    Widths: stem ``MODEL.RESNETS.STEM_OUT_CHANNELS``, res2 ``MODEL.RESNETS.RES2_OUT_CHANNELS``, doubling per
+    stage (:func:`resnet_stages`); ``MODEL.RESNETS.NORM``, ``MODEL.BACKBONE.FREEZE_AT`` and ``OUT_FEATURES`` as
+    usual. Used by the CPU quickstart, where a 32-wide ResNet-18 trains four times faster than the standard one.
+    """
+    r = cfg.MODEL.RESNETS
+    if r.DEPTH not in (18, 34):
+        raise ValueError(f"build_fsaf_narrow_resnet_fpn_backbone supports MODEL.RESNETS.DEPTH 18 or 34, got {r.DEPTH}")
+    stem = BasicStem(in_channels=input_shape.channels, out_channels=r.STEM_OUT_CHANNELS, norm=r.NORM)
+    stages = resnet_stages(
+        r.DEPTH, norm=r.NORM, stem_out_channels=r.STEM_OUT_CHANNELS, res2_out_channels=r.RES2_OUT_CHANNELS
+    )
     return ResNet(stem, stages, out_features=r.OUT_FEATURES).freeze(cfg.MODEL.BACKBONE.FREEZE_AT)
 
 

@@ -1,6 +1,6 @@
 """The FSAF meta-architecture (Feature Selective Anchor-Free detector, CVPR 2019)."""
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
@@ -23,6 +23,10 @@ from .priors import PointPriors, point_prior_grid
 __all__ = ["FSAF", "pad_ground_truth", "choose_fixed_size"]
 
 logger = logging.getLogger(__name__)
+
+
+#: MODEL.FSAF.MEMORY_FORMAT values the model applies ("auto" unresolved: the default NCHW)
+_MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 def pad_ground_truth(
@@ -94,7 +98,7 @@ class FSAF(DenseDetector):
         fixed_sizes: Sequence[Sequence[int]] = (),
         anchor_based: Optional[nn.Module] = None,
         af_loss_weight: float = 0.5,
-        memory_format: torch.memory_format = torch.contiguous_format,
+        memory_format: Union[torch.memory_format, str] = torch.contiguous_format,
         fold_frozen_bn: bool = False,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
@@ -123,8 +127,12 @@ class FSAF(DenseDetector):
         self.anchor_based = anchor_based
         self.af_loss_weight = af_loss_weight
         # conv weights in this layout make every convolution (and its activations) use it: the first conv
-        # turns the NCHW image batch into the weights' layout, and the head outputs' NHWC transpose is free
-        if memory_format is not torch.contiguous_format:
+        # turns the NCHW image batch into the weights' layout, and the head outputs' NHWC transpose is free.
+        # A string is a MODEL.FSAF.MEMORY_FORMAT value: "auto" is the device's layout once the config builder
+        # (fsaf_d2.engine.build_config, or fsaf_d2.engine.lazy for a LazyConfig) has resolved it; unresolved: NCHW
+        if isinstance(memory_format, str):
+            memory_format = _MEMORY_FORMATS.get(check_choice("MODEL.FSAF.MEMORY_FORMAT", memory_format))
+        if memory_format is torch.channels_last:
             self.to(memory_format=memory_format)
         if fold_frozen_bn:
             fold_frozen_batchnorm(self)
@@ -160,12 +168,7 @@ class FSAF(DenseDetector):
             "fixed_sizes": cfg.INPUT.FIXED_SIZES,
             "anchor_based": AnchorBasedBranch(cfg, feature_shapes, f.NUM_CLASSES) if f.ANCHOR_BASED else None,
             "af_loss_weight": f.AF_LOSS_WEIGHT,
-            # "auto" is the device's layout once fsaf_d2.engine.build_config has resolved it; unresolved: NCHW
-            "memory_format": (
-                torch.channels_last
-                if check_choice("MODEL.FSAF.MEMORY_FORMAT", f.MEMORY_FORMAT) == "channels_last"
-                else torch.contiguous_format
-            ),
+            "memory_format": f.MEMORY_FORMAT,
             "fold_frozen_bn": f.FOLD_FROZEN_BN,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
