@@ -30,6 +30,7 @@ __all__ = [
     "all_finite",
     "range_hooks",
     "phase_breakdown",
+    "top_ops",
     "round_ratios",
     "combine_rounds",
     "machine_description",
@@ -192,6 +193,20 @@ def phase_breakdown(prof, steps: int) -> Dict[str, float]:
     if "fsaf.backbone" in out and "bench.resnet" in out:
         out["bench.fpn"] = out["fsaf.backbone"] - out["bench.resnet"]
     return {k: out[k] for k in PHASES if k in out}
+
+
+def top_ops(prof, steps: int, n: int = 10) -> Dict[str, float]:
+    """The ``n`` operators and kernels with the most self time, in milliseconds per training step (device
+    time on accelerators). Inside a compiled step the model's record_function ranges are gone: this is its
+    profile (Inductor's fused kernels, convolutions, the CUDA graph replay)."""
+    rows = []
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0) or 0
+        us = device_us if device_us > 0 else evt.self_cpu_time_total
+        if evt.key not in PHASES and not evt.key.startswith("ProfilerStep"):
+            rows.append((us, evt.key))
+    rows.sort(reverse=True)
+    return {key[:80]: us / 1000.0 / steps for us, key in rows[:n]}
 
 
 def round_ratios(rounds: List[List[Dict]], name: str, base: str = "retinanet") -> List[float]:

@@ -51,7 +51,11 @@ def test_model_benchmark_runs_every_model_in_alternating_rounds(tmp_path, monkey
                 "fsaf.selection", "bench.backward", "bench.optimizer"):
         assert phases[key] >= 0, key
     assert phases["bench.resnet"] < phases["fsaf.backbone"]
-    assert "step time ratio per round" in data["table"]
+    # and the operators with the most self time (a compiled step's only profile: its ranges are compiled away)
+    top = fsaf["profile_top_ops_ms_per_iter"]
+    assert 0 < len(top) <= 10 and not set(top) & set(phases) and min(top.values()) >= 0
+    assert list(top.values()) == sorted(top.values(), reverse=True)
+    assert "step time ratio per round" in data["table"] and "top self times of fsaf" in data["table"]
 
 
 @pytest.mark.timeout(600)

@@ -51,6 +51,7 @@ from fsaf_d2.benchmarking import (
     make_infer_call,
     make_train_step,
     phase_breakdown,
+    top_ops,
     range_hooks,
     round_ratios,
     synthetic_batch,
@@ -300,6 +301,7 @@ def run_worker(name: str, args) -> Dict:
         for h in handles:
             h.remove()
         result["profile_ms_per_iter"] = phase_breakdown(prof, 3)
+        result["profile_top_ops_ms_per_iter"] = top_ops(prof, 3)
 
     call = make_infer_call(model, infer, args.device, _precision(args))
     time_alternating({name: call}, 2, args.device)
@@ -361,6 +363,9 @@ def format_table(results: List[Dict], args, rounds: Optional[List[List[Dict]]] =
         if "profile_ms_per_iter" in r:
             rows.append(f"profile of {r['model']} (ms per step): " + ", ".join(
                 f"{k}={v:.1f}" for k, v in r["profile_ms_per_iter"].items()))
+        if r.get("profile_top_ops_ms_per_iter"):
+            rows.append(f"top self times of {r['model']} (ms per step): " + ", ".join(
+                f"{k}={v:.1f}" for k, v in r["profile_top_ops_ms_per_iter"].items()))
     return "\n".join(rows)
 
 
