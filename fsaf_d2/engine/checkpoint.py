@@ -108,6 +108,17 @@ def _tensor_bytes(obj) -> int:
     return 0
 
 
+def _os_error_in(error: BaseException) -> Optional[OSError]:
+    """``error`` itself or the first ``OSError`` among its causes/contexts, else None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _strip_module_prefix(keys) -> List[str]:
     keys = list(keys)
     if keys and all(k.startswith("module.") for k in keys):
@@ -156,8 +167,13 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.logger.info(f"Saving checkpoint to {save_file}")
         try:
             atomic_torch_save(data, save_file)
-        except OSError as e:
-            raise self._write_error(save_file, e, _tensor_bytes(data)) from e
+        except (OSError, RuntimeError) as e:
+            # torch.save's zip writer reports a failed write as a RuntimeError raised while closing the
+            # archive, with the OSError as its context
+            os_error = _os_error_in(e)
+            if os_error is None:
+                raise
+            raise self._write_error(save_file, os_error, _tensor_bytes(data)) from e
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
@@ -214,6 +230,12 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 "scratch (without --resume) in a new OUTPUT_DIR."
             ) from error
 
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._parsed_url_during_load = None  # DetectionCheckpointer.load leaves it set when loading fails
+
     def older_checkpoints(self, path: str) -> List[str]:
         """Periodic checkpoints next to ``path``, older than it (all of them for ``model_final.pth``),
         newest first."""
@@ -247,7 +269,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
             older = self.older_checkpoints(filename)
             hint = f" The newest older checkpoint next to it is {older[0]}." if older else ""
             raise CheckpointLoadError(
-                f"Cannot read checkpoint {filename}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                f"Cannot read checkpoint {filename} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}) "
                 f"The file is truncated or corrupt (copied while being written, a full disk, a failed "
                 f"transfer); use another checkpoint.{hint}"
             ) from e

@@ -74,7 +74,7 @@ def add_engine_config(cfg):
     # answered for this many seconds, instead of waiting for the process-group timeout; 0 disables
     if "DIST" not in _C:
         _C.DIST = CN()
-    add_if_missing(_C.DIST, "PEER_TIMEOUT_S", 60.0)
+    add_if_missing(_C.DIST, "PEER_TIMEOUT_S", 60)  # whole seconds
 
     # ------------------------------------------------------------------ weight EMA (d2go's key names)
     # keep an exponential moving average of the weights; evaluation and model_final.pth use it

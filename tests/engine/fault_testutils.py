@@ -21,14 +21,17 @@ FAULT_INJECT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fau
 JOB_TIMEOUT = 300
 
 
+#: a narrow ResNet-18 (checkpoints of ~10 MiB instead of ~90)
+NARROW = dict(MODEL__BACKBONE__NAME="build_fsaf_narrow_resnet_fpn_backbone", MODEL__RESNETS__STEM_OUT_CHANNELS=32,
+              MODEL__RESNETS__RES2_OUT_CHANNELS=32)
+
+
 def job_opts(out: str, **overrides):
     """Opts of a small 2-process-capable job on the builtin-layout tiny COCO (``DETECTRON2_DATASETS``): a
     narrow ResNet-18 (small checkpoints), seeded, the deterministic data stream, checkpoints every 2 steps."""
     overrides = dict(
         dict(SEED=3, SOLVER__MAX_ITER=12, SOLVER__CHECKPOINT_PERIOD=2, SOLVER__BASE_LR=0.02,
-             SOLVER__MOMENTUM=0.9, INPUT__RANDOM_FLIP="horizontal",
-             MODEL__BACKBONE__NAME="build_fsaf_narrow_resnet_fpn_backbone",
-             MODEL__RESNETS__STEM_OUT_CHANNELS=32, MODEL__RESNETS__RES2_OUT_CHANNELS=32),
+             SOLVER__MOMENTUM=0.9, INPUT__RANDOM_FLIP="horizontal", **NARROW),
         **overrides,
     )
     return U.tiny_opts(out, "coco_2017_train", "coco_2017_val", 80, **overrides)
@@ -120,18 +123,39 @@ def temp_files(out: str):
     return sorted(f for f in os.listdir(out) if f.endswith(".tmp"))
 
 
+def _stat(pid) -> list:
+    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ... ([] if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return []
+
+
 def pids_alive(pids) -> list:
     """The pids of ``pids`` that still exist as processes (zombies excluded)."""
-    alive = []
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.append(pid)
-    return alive
+    return [pid for pid in pids if _stat(pid)[:1] not in ([], ["Z"])]
+
+
+def _cmdline(pid) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def session_processes(session: int, settle_s: float = 10.0) -> list:
+    """``(pid, command line)`` of the live processes of a session (a :class:`Job`'s session id is its pid):
+    workers, helpers, orphans. Helpers that exit on their own right after the job (multiprocessing's
+    resource tracker) get ``settle_s`` seconds to do so."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+        left = [pid for pid in pids if (lambda st: len(st) > 3 and st[0] != "Z" and int(st[3]) == session)(_stat(pid))]
+        if not left or time.monotonic() > deadline:
+            return [(pid, _cmdline(pid)) for pid in left]
+        time.sleep(0.2)
 
 
 def worker_pid(out: str, rank: int, job: Job) -> int:
@@ -144,11 +168,8 @@ def listening_ports() -> set:
     """TCP ports in the LISTEN state on this machine (IPv4 and IPv6), from /proc/net."""
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        if not os.path.exists(table):
-            continue
-        with open(table) as f:
-            for line in f.readlines()[1:]:
-                fields = line.split()
-                if fields[3] == "0A":
-                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        if os.path.exists(table):
+            with open(table) as f:
+                rows = [line.split() for line in f.readlines()[1:]]
+            ports |= {int(r[1].rsplit(":", 1)[1], 16) for r in rows if r[3] == "0A"}
     return ports
