@@ -30,7 +30,7 @@ def job_opts(out: str, **overrides):
     """Opts of a small 2-process-capable job on the builtin-layout tiny COCO (``DETECTRON2_DATASETS``): a
     narrow ResNet-18 (small checkpoints), seeded, the deterministic data stream, checkpoints every 2 steps."""
     overrides = dict(
-        dict(SEED=3, SOLVER__MAX_ITER=12, SOLVER__CHECKPOINT_PERIOD=2, SOLVER__BASE_LR=0.02,
+        dict(SEED=3, SOLVER__MAX_ITER=20, SOLVER__CHECKPOINT_PERIOD=2, SOLVER__BASE_LR=0.02,
              SOLVER__MOMENTUM=0.9, INPUT__RANDOM_FLIP="horizontal", **NARROW),
         **overrides,
     )

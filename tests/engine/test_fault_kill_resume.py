@@ -37,9 +37,9 @@ def reference(tmp_path_factory, coco_root):
     return get
 
 
-def _random_delay(rng, low=0.2, high=1.2):
+def _random_delay(rng, low, high):
     delay = rng.uniform(low, high)
-    print(f"signal {delay:.2f} s after training started")
+    print(f"signal after {delay:.2f} s")
     return delay
 
 
@@ -54,15 +54,18 @@ def test_sigkill_at_random_and_inside_checkpoint_writes_then_resume(tmp_path, co
     out = str(tmp_path / "out")
     config = F.write_job_config(str(tmp_path), out)
     rng = random.Random()
-    # 1. kill -9 at a random moment of training
+    # 1. kill -9 at a random moment of training: a random time after a randomly chosen early checkpoint
     job = F.Job(config, env=F.job_env(coco_root), cwd=str(tmp_path))
-    job.wait_for("Starting training from iteration 0")
-    time.sleep(_random_delay(rng))
+    first = rng.choice([1, 3, 5])
+    job.wait_for(f"model_{first:07d}.pth", path=os.path.join(out, "last_checkpoint"))
+    time.sleep(_random_delay(rng, 0.0, 0.5))
     os.kill(job.proc.pid, signal.SIGKILL)
     assert job.wait() == -signal.SIGKILL
+    # the three kills below need 3 more checkpoint periods; a late random kill would leave no room
+    assert _tagged_iteration(out) <= 20 - 8, "training ran too far before the random kill"
     # 2.-4. kill -9 inside the next checkpoint writes: the file written but not renamed; the rename of the
     # second one; the rename of last_checkpoint (model file published, tag not)
-    for kill_at in ["fsync:model_*.pth:1", "replace:model_*.pth:2", "replace:last_checkpoint:1"]:
+    for kill_at in ["fsync:model_0*.pth:1", "replace:model_0*.pth:2", "replace:last_checkpoint:1"]:
         before = _tagged_iteration(out)
         job = F.Job(config, env=F.job_env(coco_root, FSAF_TEST_KILL_AT=kill_at), cwd=str(tmp_path), resume=True)
         assert job.wait() == -signal.SIGKILL, f"{kill_at}: the kill point was not reached\n{job.output[-3000:]}"
@@ -87,8 +90,8 @@ def test_preemption_saves_the_current_iteration_and_resumes(tmp_path, coco_root,
     out = str(tmp_path / "out")
     config = F.write_job_config(str(tmp_path), out)
     job = F.Job(config, env=F.job_env(coco_root), cwd=str(tmp_path), num_gpus=num_gpus)
-    job.wait_for("Starting training from iteration 0", path=os.path.join(out, "log.txt"))
-    time.sleep(_random_delay(random.Random()))
+    job.wait_for("model_0000001.pth", path=os.path.join(out, "last_checkpoint"))
+    time.sleep(_random_delay(random.Random(), 0.0, 0.5))
     (os.killpg if to_group else os.kill)(job.proc.pid, sig)
     assert job.wait() == EXIT_PREEMPTED, job.output[-4000:]
     match = job.wait_for(rf"Preempted \({signal.Signals(sig).name}\): stopped after iteration (\d+), saved (\S+);")
