@@ -1,13 +1,16 @@
 """Non-finite losses and skipped steps: NaN/inf stops training naming the iteration and the loss terms with
 nothing corrupt saved; SOLVER.NONFINITE.SKIP skips such steps up to a cap; fp16 overflow skips are capped too."""
+import json
 import os
 
 import pytest
 import torch
 
 import engine_testutils as U
+import engine_workers
 import fault_testutils as F
 from fsaf_d2.engine.faults import NonFiniteLossError
+from fsaf_d2.engine.launch import launch
 from fsaf_d2.engine.train_loop import DeviceTrainer
 
 NAN = float("nan")
@@ -104,3 +107,13 @@ def test_diverging_training_stops_and_every_checkpoint_is_finite(tmp_path, tiny_
     for name in saved:
         state = torch.load(os.path.join(out, name), map_location="cpu", weights_only=False)["model"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()), name
+
+
+@pytest.mark.slow
+def test_ranks_agree_on_a_nan_of_one_rank(tmp_path):
+    """Two gloo processes, a NaN on rank 1 only: both stop at iteration 2, neither hangs."""
+    launch(engine_workers.nonfinite_agreement_worker, 2, dist_url="auto", args=(str(tmp_path),), device_type="cpu")
+    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    assert [r["iteration"] for r in results] == [2, 2]
+    assert results[1]["error"].startswith("Non-finite loss terms loss_sq=nan at iteration 2.")
+    assert results[0]["error"].startswith("Non-finite loss on another rank (this rank: loss_sq=")
