@@ -18,12 +18,20 @@ replaces two functions of ``detectron2.utils.comm``, and nothing else, under HCC
 
 These two (:data:`_D2_PATCHED`) and the two references :func:`_forget_detectron2_groups` drops at
 teardown are the only Detectron2 internals this package touches.
+
+Faults of multi-process jobs: :func:`any_rank` lets every rank take the same decision (preemption, a
+non-finite loss), and :class:`PeerWatchdog` stops a worker whose peer died or froze within
+``DIST.PEER_TIMEOUT_S`` instead of the process-group timeout (30 minutes by default).
 """
 import gc
 import logging
 import os
 import pickle
-from typing import Any, List, Optional
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -31,6 +39,7 @@ from detectron2.utils import comm as d2_comm
 from torch.nn.parallel import DistributedDataParallel
 
 from .device import current_device, dist_backend, is_accelerator
+from .faults import EXIT_WORKER_LOST
 
 __all__ = [
     "release_process_groups",
@@ -42,6 +51,10 @@ __all__ = [
     "get_object_group",
     "create_ddp_model",
     "ddp_device_ids",
+    "any_rank",
+    "PeerWatchdog",
+    "start_peer_watchdog",
+    "stop_peer_watchdog",
 ]
 
 logger = logging.getLogger(__name__)
@@ -104,7 +117,9 @@ def _forget_detectron2_groups() -> None:
 def release_process_groups() -> None:
     """Drop every Python reference to sub-groups (Detectron2's local group and gloo cache, the object
     group) and destroy all process groups. Dangling group objects destroyed at interpreter exit can abort
-    the process ("terminate called without an active exception") while gloo threads are still alive."""
+    the process ("terminate called without an active exception") while gloo threads are still alive.
+    Stops the :class:`PeerWatchdog` first: the peers leave now."""
+    stop_peer_watchdog()
     _group_cache.clear()
     _forget_detectron2_groups()
     if dist.is_available() and dist.is_initialized():
@@ -227,3 +242,140 @@ def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False, 
 
         ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
     return ddp
+
+
+# ---------------------------------------------------------------------------------------------- faults
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is True on at least one rank; every rank gets the same answer (one small CPU
+    collective on the object group; no collective in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return bool(flag)
+    group = d2_comm._get_global_gloo_group()
+    device = torch.device("cpu") if dist.get_backend(group) == "gloo" else _device_for_backend()
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
+    return bool(value.item())
+
+
+def _heartbeat_key(rank: int) -> str:
+    return f"fsaf_d2/heartbeat/{rank}"
+
+
+_DONE = b"done"
+
+
+class PeerWatchdog:
+    """A thread that ends this worker when another rank stops answering.
+
+    Every ``interval`` seconds it increments this rank's counter in the process group's key-value store
+    and reads the others'. A peer whose counter has not moved for ``timeout_s`` seconds (killed, frozen, its
+    machine gone) or a store that cannot be reached (it lives in rank 0's process under ``launch``) ends
+    this process with :data:`~fsaf_d2.engine.faults.EXIT_WORKER_LOST`, after logging which rank was lost.
+    The main thread may be blocked inside a collective that only the process-group timeout would end,
+    hence ``os._exit``. Checkpoints are atomic, so nothing written is lost; ``--resume`` continues.
+
+    Args:
+        store: a ``torch.distributed.Store`` shared by all ranks (its own TCP connection is opened).
+        rank, world_size: this worker's coordinates.
+        timeout_s: seconds of silence after which a peer is declared lost.
+    """
+
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout_s = float(timeout_s)
+        self.interval = max(0.1, min(5.0, self.timeout_s / 10))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fsaf_d2-peer-watchdog", daemon=True)
+
+    def start(self) -> "PeerWatchdog":
+        self.store.set(_heartbeat_key(self.rank), "0")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop watching (the job ends normally): peers then ignore this rank's silence."""
+        self._stop.set()
+        try:
+            self.store.set(_heartbeat_key(self.rank), _DONE)
+        except Exception:  # the store's host may already be gone at teardown
+            pass
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=self.interval * 2)
+
+    def _run(self) -> None:
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        seen: Dict[int, tuple] = {r: (None, time.monotonic()) for r in peers}
+        beat = 0
+        while not self._stop.wait(self.interval):
+            try:
+                beat += 1
+                self.store.set(_heartbeat_key(self.rank), str(beat))
+                now = time.monotonic()
+                for r in list(seen):
+                    key = _heartbeat_key(r)
+                    value = self.store.get(key) if self.store.check([key]) else None
+                    if value == _DONE:
+                        del seen[r]
+                    elif value != seen[r][0]:
+                        seen[r] = (value, now)
+                    elif now - seen[r][1] > self.timeout_s:
+                        self._lost(f"rank {r} has not answered for {now - seen[r][1]:.0f} s (killed, frozen or "
+                                   "its machine lost)")
+                        return
+            except Exception as e:  # the store's host (rank 0's process) is gone
+                if self._stop.wait(max(2.0, self.interval)):
+                    return  # the job is ending: the host left first
+                self._lost(f"the process group's store is unreachable, so rank 0 (its host) is gone ({e})")
+                return
+
+    def _lost(self, why: str) -> None:
+        message = (
+            f"Worker lost: {why}. Rank {self.rank} stops now with exit code {EXIT_WORKER_LOST} instead of "
+            f"waiting for the process-group timeout (DIST.PEER_TIMEOUT_S {self.timeout_s:g}). Checkpoints are "
+            "intact: restart the job with --resume."
+        )
+        logger.error(message)
+        print(f"[fsaf_d2] {message}", file=sys.stderr, flush=True)
+        for handler in logging.getLogger().handlers + logging.getLogger("fsaf_d2").handlers:
+            try:
+                handler.flush()
+            except Exception:
+                pass
+        os._exit(EXIT_WORKER_LOST)
+
+
+_watchdog: Dict[str, Optional[PeerWatchdog]] = {"current": None}
+
+
+def _own_store_connection(timeout_s: float):
+    """A new client of the default process group's store (a TCPStore of its own), or the store itself."""
+    store = dist.distributed_c10d._get_default_store()
+    base = store
+    while hasattr(base, "underlying_store"):
+        base = base.underlying_store
+    if isinstance(base, dist.TCPStore):
+        return dist.TCPStore(base.host, base.port, is_master=False, wait_for_workers=False,
+                             timeout=timedelta(seconds=max(timeout_s, 10.0)))
+    return store
+
+
+def start_peer_watchdog(timeout_s: float) -> Optional[PeerWatchdog]:
+    """Start the :class:`PeerWatchdog` of this worker (multi-process jobs, ``timeout_s > 0``); idempotent."""
+    if timeout_s <= 0 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    if _watchdog["current"] is None:
+        store = _own_store_connection(timeout_s)
+        _watchdog["current"] = PeerWatchdog(store, dist.get_rank(), dist.get_world_size(), timeout_s).start()
+        logger.info(f"Peer watchdog: a rank silent for {timeout_s:g} s ends the job (DIST.PEER_TIMEOUT_S)")
+    return _watchdog["current"]
+
+
+def stop_peer_watchdog() -> None:
+    """Stop this worker's :class:`PeerWatchdog`, if any."""
+    watchdog, _watchdog["current"] = _watchdog["current"], None
+    if watchdog is not None:
+        watchdog.stop()

@@ -75,6 +75,25 @@ def add_engine_config(cfg):
     # used in DATASETS.TRAIN / TEST; classes come from the json (fsaf_d2.data.config_datasets)
     add_if_missing(_C.DATASETS, "REGISTER_COCO", [])
 
+    # ------------------------------------------------------------------ faults (docs/training.md#faults)
+    # a NaN/inf loss stops training (NonFiniteLossError naming the iteration and loss terms) unless SKIP:
+    # then that step is skipped (no optimizer update). MAX_CONSECUTIVE: more consecutive skipped steps
+    # (non-finite losses, or fp16 steps the grad scaler skipped on overflow) are an error.
+    if "NONFINITE" not in _C.SOLVER:
+        _C.SOLVER.NONFINITE = CN()
+    add_if_missing(_C.SOLVER.NONFINITE, "SKIP", False)
+    add_if_missing(_C.SOLVER.NONFINITE, "MAX_CONSECUTIVE", 10)
+    # a .pth loaded by MODEL.WEIGHTS or --resume must fit the model: missing, unexpected or differently
+    # shaped keys are an error naming them (name-matched .pkl backbones are exempt)
+    add_if_missing(_C.MODEL, "WEIGHTS_STRICT", True)
+    # fine-tuning onto another class count: class-score keys of another shape keep their initialisation
+    add_if_missing(_C.MODEL, "WEIGHTS_NEW_CLASS_LAYER", False)
+    # multi-process jobs: a worker stops (exit code 76, fsaf_d2.engine.faults) when another rank has not
+    # answered for this many seconds, instead of waiting for the process-group timeout; 0 disables
+    if "DIST" not in _C:
+        _C.DIST = CN()
+    add_if_missing(_C.DIST, "PEER_TIMEOUT_S", 60)  # whole seconds
+
     # ------------------------------------------------------------------ weight EMA (d2go's key names)
     # keep an exponential moving average of the weights; evaluation and model_final.pth use it
     # (fsaf_d2.engine.ema). DECAY is the largest decay, reached after a (1 + t) / (10 + t) ramp.

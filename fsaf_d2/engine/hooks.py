@@ -8,10 +8,14 @@
 * :class:`DeterministicDataStream`: restarts the training data stream from a seed derived from
   ``(SEED, segment)`` at every checkpoint boundary, so ``--resume`` replays exactly the batches an
   uninterrupted run would have seen.
+* :class:`PreemptionHook`: on SIGTERM/SIGUSR1 finishes the current step, saves it and exits with
+  :data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED`; all ranks agree on the iteration.
 """
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Callable, List, Optional
 
@@ -22,12 +26,15 @@ from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, get_event_storage
 
 from ..utils.io import atomic_write_bytes
+from .comm import any_rank
 from .device import manual_seed_all, max_memory_allocated, synchronize
+from .faults import EXIT_PREEMPTED, PREEMPTION_SIGNALS, Preempted
 
 __all__ = [
     "ThroughputHook",
     "DeviceMetricPrinter",
     "DeterministicDataStream",
+    "PreemptionHook",
     "segment_seed",
 ]
 
@@ -230,3 +237,63 @@ class DeterministicDataStream(HookBase):
         it = self.trainer.iter
         if it != self.trainer.start_iter and it % self.period == 0:
             self._restart(it)
+
+
+class PreemptionHook(HookBase):
+    """Stop cleanly when the scheduler asks: SIGTERM or SIGUSR1 (Slurm, Kubernetes) before a kill.
+
+    The signal only sets a flag. After the current step (and the hooks before this one, so the EMA and
+    evaluation of that step are done) the ranks agree whether any of them was signalled
+    (:func:`~fsaf_d2.engine.comm.any_rank`); if so every rank stops at that same iteration: the main process
+    writes ``model_<iteration>.pth`` atomically (unless the periodic checkpointer just did) and tags it, all
+    ranks wait for it and raise :class:`~fsaf_d2.engine.faults.Preempted`, i.e. exit with
+    :data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED`. ``--resume`` continues from the next iteration. A signal
+    during the last step lets training end normally. The handlers are installed for ``train()`` only, from
+    the main thread.
+
+    Args:
+        checkpointer: the trainer's checkpointer (writes on the main process only).
+        signals: the signals that mean "preempted".
+    """
+
+    def __init__(self, checkpointer, signals=PREEMPTION_SIGNALS):
+        self.checkpointer = checkpointer
+        self.signals = tuple(signals)
+        self._received = None
+        self._previous = {}
+
+    def _on_signal(self, signum, frame):
+        self._received = signum
+
+    def before_train(self):
+        self._received = None
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("PreemptionHook: training runs outside the main thread; preemption signals not handled")
+            return
+        self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
+
+    def after_train(self):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def after_step(self):
+        if not any_rank(self._received is not None):
+            return
+        iteration = self.trainer.iter
+        if iteration + 1 >= self.trainer.max_iter:
+            logger.warning("Preemption signal during the last iteration: finishing training normally")
+            return
+        name = f"model_{iteration:07d}"
+        path = os.path.join(self.checkpointer.save_dir, f"{name}.pth")
+        if comm.is_main_process():
+            tagged = self.checkpointer.has_checkpoint() and self.checkpointer.get_checkpoint_file() == path
+            if not tagged:  # the periodic checkpointer may have saved this very iteration already
+                self.checkpointer.save(name, iteration=iteration)
+        comm.synchronize()
+        why = signal.Signals(self._received).name if self._received else "a preemption signal on another rank"
+        logger.warning(
+            f"Preempted ({why}): stopped after iteration {iteration}, saved {path}; exiting with code "
+            f"{EXIT_PREEMPTED}. Rerun the same command with --resume to continue from iteration {iteration + 1}."
+        )
+        raise Preempted(iteration, path)

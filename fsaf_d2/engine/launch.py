@@ -15,24 +15,38 @@ Two ways to start workers:
   ``MASTER_PORT``): the current process is one worker; nothing is spawned. The workers per machine come
   from ``LOCAL_WORLD_SIZE``; launchers that do not export it need ``--num-gpus`` (else all ranks are
   assumed to share one machine).
+
+Faults (docs/devices.md#faults): a spawning launcher waits for its workers and, when one dies, gives the
+others :data:`WORKER_EXIT_GRACE_S` to stop, ends them (SIGTERM, then SIGKILL), and raises
+:class:`~fsaf_d2.engine.faults.WorkerLostError` naming the rank and how it ended. It forwards SIGTERM and
+SIGUSR1 (preemption, :data:`~fsaf_d2.engine.faults.PREEMPTION_SIGNALS`) to the workers and exits with
+:data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED` when all of them stopped for it.
 """
+import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException, ProcessRaisedException
 from detectron2.utils import comm
 
 from .device import DeviceError, check_device_available, dist_backend, parse_device, set_device
 from .comm import release_process_groups
+from .faults import EXIT_PREEMPTED, EXIT_WORKER_LOST, PREEMPTION_SIGNALS, WorkerLostError
 
-__all__ = ["DEFAULT_TIMEOUT", "launch", "torchrun_env", "init_distributed"]
+__all__ = ["DEFAULT_TIMEOUT", "WORKER_EXIT_GRACE_S", "launch", "torchrun_env", "init_distributed"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+#: seconds the other workers get to stop by themselves after one failed (then SIGTERM, and as long again
+#: before SIGKILL)
+WORKER_EXIT_GRACE_S = 10.0
 
 logger = logging.getLogger(__name__)
 
@@ -198,14 +212,85 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     if num_machines > 1 and dist_url.startswith("file://"):
         logger.warning("file:// init is unreliable across machines; prefer tcp://")
-    mp.start_processes(
+    context = mp.start_processes(
         _worker,
         nprocs=num_gpus_per_machine,
         args=(main_func, dtype, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
         daemon=False,
         start_method="spawn",
+        join=False,
     )
+    wait_for_workers(context, first_rank=machine_rank * num_gpus_per_machine)
     return None
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    if code == EXIT_PREEMPTED:
+        return f"stopped for preemption (exit code {code})"
+    if code == EXIT_WORKER_LOST:
+        return f"stopped because a peer was lost (exit code {code})"
+    return f"exited with code {code}"
+
+
+@contextlib.contextmanager
+def _forward_signals(processes, signums):
+    """While active (main thread only), the signals ``signums`` received by this process go to ``processes``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum, frame):
+        logger.warning(f"Launcher received {signal.Signals(signum).name}: forwarding it to the workers")
+        for p in processes:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    previous = {s: signal.signal(s, forward) for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def wait_for_workers(context, first_rank: int = 0, grace_s: float = WORKER_EXIT_GRACE_S) -> None:
+    """Wait for the spawned workers of ``context`` (``torch.multiprocessing.ProcessContext``).
+
+    Returns when all succeeded. Raises ``SystemExit(EXIT_PREEMPTED)`` when all stopped for preemption, else
+    :class:`WorkerLostError` naming the rank that failed first and how each one ended. After a failure the
+    others get ``grace_s`` seconds to stop, then SIGTERM, then SIGKILL ``grace_s`` later.
+    """
+    with _forward_signals(context.processes, PREEMPTION_SIGNALS):
+        try:
+            while not context.join(grace_period=grace_s):
+                pass
+            return
+        except ProcessException as e:
+            failure = e
+    codes = [p.exitcode for p in context.processes]
+    if all(code == EXIT_PREEMPTED for code in codes):
+        logger.warning(f"All {len(codes)} workers stopped for preemption; exiting with code {EXIT_PREEMPTED}")
+        raise SystemExit(EXIT_PREEMPTED)
+    first = failure.error_index
+    others = "; ".join(
+        f"rank {first_rank + i} {_describe_exit(code)}" for i, code in enumerate(codes) if i != first
+    )
+    detail = f"\n{failure}" if isinstance(failure, ProcessRaisedException) else ""
+    raise WorkerLostError(
+        f"Worker rank {first_rank + first} (pid {failure.error_pid}) {_describe_exit(codes[first])}; {others}. "
+        f"The job stopped; checkpoints written so far are intact: fix the cause and rerun with --resume."
+        f"{detail}"
+    ) from failure
 
 
 def _launch_from_env(main_func, dtype, index, env, num_gpus_per_machine, dist_url, args, timeout):

@@ -10,6 +10,12 @@ cannot run on NPU or CPU. :class:`DeviceTrainer` is a ``SimpleTrainer`` whose ``
    "full_model"``) after unscaling them, so the threshold refers to true gradients;
 4. steps the optimizer through the grad scaler (which skips steps with inf/NaN gradients).
 
+A NaN/inf loss (checked on every rank, all ranks agree) raises
+:class:`~fsaf_d2.engine.faults.NonFiniteLossError` naming the iteration and the loss terms before the optimizer
+step, so no weight and no checkpoint ever holds it; with ``skip_nonfinite`` (``SOLVER.NONFINITE.SKIP``)
+the step is skipped instead. Skipped steps (those, and fp16 steps the grad scaler skipped on overflow) are
+logged; more than ``max_consecutive_skips`` in a row are an error.
+
 Checkpoints keep the scaler state under ``"grad_scaler"`` in the trainer state, as ``AMPTrainer`` does.
 """
 import logging
@@ -21,7 +27,9 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import get_event_storage
 
 from ..config import check_choice
+from .comm import any_rank
 from .device import DeviceError, import_torch_npu
+from .faults import NonFiniteLossError
 
 __all__ = ["parse_precision", "build_grad_scaler", "DeviceTrainer"]
 
@@ -87,6 +95,8 @@ class DeviceTrainer(SimpleTrainer):
         clip_max_norm: if set, clip the global L2 norm of all gradients (unscaled) to this value.
         clip_norm_type: the norm's p (2.0 = L2; inf allowed).
         log_grad_norm: write the pre-clipping global gradient norm as ``grad_norm`` to the EventStorage.
+        skip_nonfinite: skip the optimizer step of a NaN/inf loss instead of raising NonFiniteLossError.
+        max_consecutive_skips: more skipped steps in a row (non-finite losses, fp16 overflows) raise.
     """
 
     def __init__(
@@ -102,6 +112,8 @@ class DeviceTrainer(SimpleTrainer):
         clip_max_norm: Optional[float] = None,
         clip_norm_type: float = 2.0,
         log_grad_norm: bool = True,
+        skip_nonfinite: bool = False,
+        max_consecutive_skips: int = 10,
         gather_metric_period: int = 1,
         zero_grad_before_forward: bool = False,
         async_write_metrics: bool = False,
@@ -123,6 +135,9 @@ class DeviceTrainer(SimpleTrainer):
         self.clip_max_norm = clip_max_norm
         self.clip_norm_type = float(clip_norm_type)
         self.log_grad_norm = log_grad_norm
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.max_consecutive_skips = int(max_consecutive_skips)
+        self.skipped_in_a_row = 0
 
     # ------------------------------------------------------------------------------------------- step
 
@@ -146,6 +161,8 @@ class DeviceTrainer(SimpleTrainer):
 
         self.grad_scaler.scale(losses).backward()
         self.after_backward()
+        if self.skip_nonfinite_step(loss_dict, losses):
+            return
 
         if self.async_write_metrics:
             self.concurrent_executor.submit(self._write_metrics, loss_dict, data_time, iter=self.iter)
@@ -153,10 +170,55 @@ class DeviceTrainer(SimpleTrainer):
             self._write_metrics(loss_dict, data_time)
 
         grad_norm = self.clip_gradients() if self.clip_max_norm is not None else None
-        self.grad_scaler.step(self.optimizer)
-        self.grad_scaler.update()
+        self.optimizer_step()
         if grad_norm is not None and self.log_grad_norm and (self.iter + 1) % self.gather_metric_period == 0:
             get_event_storage().put_scalar("grad_norm", float(grad_norm), cur_iter=self.iter)
+
+    def skip_nonfinite_step(self, loss_dict, losses: torch.Tensor) -> bool:
+        """Whether to skip this step because a rank's loss is NaN/inf (``skip_nonfinite``); else raise.
+
+        Raises:
+            NonFiniteLossError: naming the iteration and this rank's loss terms (without ``skip_nonfinite``,
+                or after more than ``max_consecutive_skips`` skipped steps in a row).
+        """
+        finite = bool(torch.isfinite(losses.detach()).all())
+        if not any_rank(not finite):
+            return False
+        terms = ", ".join(f"{k}={float(v):.4g}" for k, v in loss_dict.items())
+        where = f"loss terms {terms}" if not finite else f"loss on another rank (this rank: {terms})"
+        if not self.skip_nonfinite:
+            raise NonFiniteLossError(
+                f"Non-finite {where} at iteration {self.iter}. Training stopped before the optimizer step: the "
+                "weights and the checkpoints hold no NaN/inf. Lower SOLVER.BASE_LR, lengthen SOLVER.WARMUP_ITERS, "
+                "enable SOLVER.CLIP_GRADIENTS or check this iteration's data; SOLVER.NONFINITE.SKIP True skips "
+                "such steps instead."
+            )
+        self.optimizer.zero_grad()  # the NaN/inf gradients never reach the optimizer
+        self.count_skipped_step(f"non-finite {where}")
+        return True
+
+    def optimizer_step(self) -> None:
+        """Step the optimizer through the grad scaler; an fp16 step the scaler skipped (overflow) is counted."""
+        scale = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else None
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        new_scale = self.grad_scaler.get_scale() if scale is not None else None
+        if new_scale is not None and new_scale < scale:
+            self.count_skipped_step(f"gradient overflow, loss scale {scale:g} -> {new_scale:g}")
+        else:
+            self.skipped_in_a_row = 0
+
+    def count_skipped_step(self, reason: str) -> None:
+        """Log a skipped step; raise NonFiniteLossError after more than ``max_consecutive_skips`` in a row."""
+        self.skipped_in_a_row += 1
+        n, limit = self.skipped_in_a_row, self.max_consecutive_skips
+        logger.warning(f"Iteration {self.iter}: optimizer step skipped, {reason} ({n} in a row, limit {limit})")
+        if n > limit:
+            raise NonFiniteLossError(
+                f"{n} consecutive optimizer steps skipped, the last at iteration {self.iter} ({reason}), more than "
+                f"SOLVER.NONFINITE.MAX_CONSECUTIVE {limit}: training is diverging. Lower SOLVER.BASE_LR, enable "
+                "SOLVER.CLIP_GRADIENTS, or use SOLVER.AMP.PRECISION bfloat16; then rerun with --resume."
+            )
 
     def clip_gradients(self) -> torch.Tensor:
         """Unscale the gradients in place and clip their global norm to ``clip_max_norm``.

@@ -11,6 +11,10 @@
 * COCO box AP is computed by ``TEST.COCO_EVAL_BACKEND`` (faster-coco-eval when installed,
   :mod:`~fsaf_d2.engine.evaluation`);
 * with ``SEED >= 0`` and ``DATALOADER.DETERMINISTIC_RESUME``, ``--resume`` reproduces an uninterrupted run.
+* faults (docs/training.md#faults): an unwritable ``OUTPUT_DIR`` fails before training, SIGTERM/SIGUSR1
+  save the current iteration and exit with code 75 (:class:`~fsaf_d2.engine.hooks.PreemptionHook`), a
+  NaN/inf loss stops or skips the step (``SOLVER.NONFINITE``), a silent peer rank ends the job
+  (``DIST.PEER_TIMEOUT_S``).
 
 Helpers for scripts: :func:`config_from_args` (:func:`~fsaf_d2.engine.config.build_config` of ``args``),
 :func:`pre_launch` (``MODEL.DEVICE`` and NPU environment defaults, in the launching process), :func:`setup`
@@ -33,8 +37,8 @@ from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_st
 from detectron2.utils.logger import setup_logger
 
 from ..data.config_datasets import check_config_datasets
-from .checkpoint import AtomicCheckpointer, ModelRunningScalars
-from .comm import create_ddp_model, patch_detectron2
+from .checkpoint import AtomicCheckpointer, ModelRunningScalars, check_output_dir
+from .comm import create_ddp_model, patch_detectron2, start_peer_watchdog
 from .compile import check_compile_support, compile_static_training_step
 from .config import build_config, validate_config
 from .device import (
@@ -50,7 +54,7 @@ from .device import (
 )
 from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
-from .hooks import DeterministicDataStream, DeviceMetricPrinter, ThroughputHook
+from .hooks import DeterministicDataStream, DeviceMetricPrinter, PreemptionHook, ThroughputHook
 from .inference_timing import TimedEvaluator
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
@@ -124,6 +128,7 @@ def setup(args):
     cfg = config_from_args(args)  # validated
     check_device_support(cfg)
     check_evaluation_support(cfg)
+    check_output_dir(cfg.OUTPUT_DIR)  # before default_setup writes there, and long before a checkpoint
     default_setup(cfg, args)
     # default_setup configures the "detectron2" and "fvcore" loggers; fsaf_d2's own messages (throughput
     # summary, NPU runtime, data-stream restarts) go to the same console and log file
@@ -136,7 +141,8 @@ def setup(args):
         )
     else:
         where = "single process"
-    logger.info(f"Device {device} (MODEL.DEVICE {cfg.MODEL.DEVICE}); {where}")
+    logger.info(f"Device {device} (MODEL.DEVICE {cfg.MODEL.DEVICE}); {where}, pid {os.getpid()}")
+    start_peer_watchdog(cfg.DIST.PEER_TIMEOUT_S)
     if cfg.SEED >= 0:
         manual_seed_all(cfg.MODEL.DEVICE, cfg.SEED + comm.get_rank())
     return cfg
@@ -155,6 +161,7 @@ class Trainer(DefaultTrainer):
         if not logging.getLogger("fsaf_d2").isEnabledFor(logging.INFO):
             setup_logger(name="fsaf_d2", abbrev_name="fsaf")
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        check_output_dir(cfg.OUTPUT_DIR)
         self.device = resolve_device(cfg.MODEL.DEVICE)
         self.device_type = self.device.type
 
@@ -187,8 +194,15 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):
-        """Atomic checkpointer saving to ``cfg.OUTPUT_DIR`` (extra objects as ``checkpointables``)."""
-        return AtomicCheckpointer(model, cfg.OUTPUT_DIR, **checkpointables)
+        """Atomic checkpointer saving to ``cfg.OUTPUT_DIR`` (extra objects as ``checkpointables``); loading
+        follows ``MODEL.WEIGHTS_STRICT`` / ``MODEL.WEIGHTS_NEW_CLASS_LAYER``."""
+        return AtomicCheckpointer(
+            model,
+            cfg.OUTPUT_DIR,
+            strict=cfg.MODEL.WEIGHTS_STRICT,
+            new_class_layer=cfg.MODEL.WEIGHTS_NEW_CLASS_LAYER,
+            **checkpointables,
+        )
 
     @classmethod
     def build_grad_scaler(cls, cfg):
@@ -212,6 +226,8 @@ class Trainer(DefaultTrainer):
             grad_scaler=cls.build_grad_scaler(cfg),
             clip_max_norm=float(clip.CLIP_VALUE) if full_model else None,
             clip_norm_type=float(clip.NORM_TYPE),
+            skip_nonfinite=cfg.SOLVER.NONFINITE.SKIP,
+            max_consecutive_skips=cfg.SOLVER.NONFINITE.MAX_CONSECUTIVE,
         )
 
     @classmethod
@@ -320,6 +336,7 @@ class Trainer(DefaultTrainer):
             for hook in ret:
                 if isinstance(hook, d2_hooks.EvalHook):
                     hook._func = self._test_ema_and_save_results
+        ret.append(PreemptionHook(self.checkpointer))  # last: the step's EMA, evaluation and metrics are done
         if _deterministic_stream(cfg):
             ret.insert(
                 0,

@@ -100,3 +100,37 @@ def fake_hccl_eval_worker(out_dir, dataset_json, image_root):
         latest = storage.latest()  # only the main process logs; a single loss is logged as total_loss
         result["logged_loss"] = latest["total_loss"][0] if "total_loss" in latest else None
     _dump(out_dir, result)
+
+
+def nonfinite_agreement_worker(out_dir):
+    """CPU/gloo, DDP: rank 1 alone gets a NaN input at iteration 2; both ranks must stop at that iteration
+    (rank 0 seeing only finite terms of its own) instead of one of them waiting in the next all-reduce."""
+    from fsaf_d2.engine.comm import create_ddp_model
+    from fsaf_d2.engine.faults import NonFiniteLossError
+    from fsaf_d2.engine.train_loop import DeviceTrainer
+
+    rank = comm.get_rank()
+    torch.manual_seed(0)
+    model = create_ddp_model(torch.nn.Linear(3, 1))
+    batches = []
+    for i in range(5):
+        x = torch.full((2, 3), float(i + rank))
+        if rank == 1 and i == 2:
+            x[0, 0] = float("nan")
+        batches.append(x)
+
+    class Loss(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return {"loss_sq": self.net(x).pow(2).mean()}
+
+    trainer = DeviceTrainer(Loss(model), batches, torch.optim.SGD(model.parameters(), lr=1e-3))
+    result = {"rank": rank}
+    try:
+        trainer.train(0, 5)
+    except NonFiniteLossError as e:
+        result.update(iteration=trainer.iter, error=str(e))
+    _dump(out_dir, result)
