@@ -42,20 +42,21 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 
 SIZE=${SIZE:-800x1344}
+AMP=${AMP:-fp16}   # the benchmarks' autocast dtype (a CPU dry run of this script is faster with bf16)
 BATCH=${BATCH:-16}
 MODELS=${MODELS:-fsaf retinanet fsaf_static fsaf_compiled fsaf_retinanet fcos}
 # LAYOUTS: "config" = every model as shipped (FSAF: MODEL.FSAF.MEMORY_FORMAT auto = channels_last on cuda;
 # Detectron2's models: contiguous), "contiguous" / "channels_last" = that layout for every model
 for layout in ${LAYOUTS:-config contiguous}; do
   echo "=== benchmark (memory format: $layout)"
-  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --iters "${ITERS:-30}" \
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --iters "${ITERS:-30}" \
     --warmup "${WARMUP:-10}" --infer-iters 20 --models $MODELS --rounds "${ROUNDS:-1}" --profile \
     --memory-format "$layout" --out "$OUT/bench_$layout.json" "$@"
 done
 if [ -z "${SKIP_PAIRED:-}" ]; then
   # before/after pairs of the layout and FrozenBN folding, in one process, steps alternating
   echo "=== paired: FSAF as shipped vs NCHW vs FrozenBN not folded"
-  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 20 \
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" \
     --out "$OUT/bench_paired_changes.json" "$@"
@@ -66,14 +67,14 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
   compiled=()
   for mode in ${COMPILE_MODES:-default reduce-overhead}; do compiled+=("fsaf_compiled+SOLVER.COMPILE.MODE=$mode"); done
   echo "=== paired: FSAF eager (dynamic, static) vs compiled static step per mode vs RetinaNet"
-  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp fp16 --paired \
+  "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 5 \
     --models fsaf fsaf_static "${compiled[@]}" retinanet --out "$OUT/bench_paired_compile.json" "$@"
 fi
 if [ -z "${SKIP_INFER:-}" ]; then
   # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image)
   echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, fp16, calibrated classifiers"
-  "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp fp16 \
+  "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp "$AMP" \
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
     --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet --out "$OUT/inference.json"
 fi
@@ -85,15 +86,18 @@ case "$DEVICE" in cuda*|npu*) PIN="0 1" ;; esac
   --out "$OUT/data_loader.json"
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
-  echo "=== train_net.py: 1-GPU launch, AMP fp16, quickstart data"
+  # float16 AMP on accelerators; the CPU dry run of this script trains with bfloat16 (CPU autocast refuses fp16)
+  AMP_PRECISION=float16
+  case "$DEVICE" in cpu*) AMP_PRECISION=bfloat16 ;; esac
+  echo "=== train_net.py: 1-GPU launch, AMP $AMP_PRECISION, quickstart data"
   export FSAF_D2_DATASETS=/tmp/fsaf_quickstart
   "$PY" -m fsaf_d2.data.quickstart --if-missing --no-progress --num-train 256 --num-val 32
   "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
-    SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION float16 SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
+    SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION $AMP_PRECISION SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
     DATALOADER.NUM_WORKERS 4 OUTPUT_DIR "$OUT/train_amp" 2>&1 | tail -40
   echo "=== train_net.py: the same with SOLVER.COMPILE (static shapes: the quickstart's native 128 px)"
   "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
-    SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION float16 SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
+    SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION $AMP_PRECISION SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
     DATALOADER.NUM_WORKERS 4 INPUT.FIXED_SIZES "[[128, 128]]" MODEL.FSAF.MAX_GT 32 \
     SOLVER.COMPILE.ENABLED True SOLVER.COMPILE.MODE "${TRAIN_COMPILE_MODE:-reduce-overhead}" \
     OUTPUT_DIR "$OUT/train_amp_compiled" 2>&1 | tail -40
