@@ -174,6 +174,18 @@ class DeviceTrainer(SimpleTrainer):
         if grad_norm is not None and self.log_grad_norm and (self.iter + 1) % self.gather_metric_period == 0:
             get_event_storage().put_scalar("grad_norm", float(grad_norm), cur_iter=self.iter)
 
+    def release_data_loader(self) -> None:
+        """Stop the training loader's worker processes now (they exit through their own shutdown protocol).
+
+        Workers shielded from preemption signals (:func:`~fsaf_d2.engine.faults.shield_loader_workers`) would
+        otherwise outlive training: at interpreter exit ``multiprocessing`` SIGTERMs its children and waits.
+        """
+        loader_iter, self._data_loader_iter_obj = self._data_loader_iter_obj, None
+        close = getattr(loader_iter, "close", None)  # a generator: Detectron2's aspect-ratio grouping
+        if close is not None:
+            close()
+        del loader_iter  # the last reference: a DataLoader iterator shuts its workers down when collected
+
     def skip_nonfinite_step(self, loss_dict, losses: torch.Tensor) -> bool:
         """Whether to skip this step because a rank's loss is NaN/inf (``skip_nonfinite``); else raise.
 

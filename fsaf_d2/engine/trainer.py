@@ -54,6 +54,7 @@ from .device import (
 )
 from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
+from .faults import shield_loader_workers
 from .hooks import DeterministicDataStream, DeviceMetricPrinter, PreemptionHook, ThroughputHook
 from .inference_timing import TimedEvaluator
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
@@ -284,9 +285,10 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """fsaf_d2's training loader, its workers shielded from preemption signals (:func:`shield_loader_workers`)."""
         from ..data import build_fsaf_train_loader
 
-        return build_fsaf_train_loader(cfg)
+        return shield_loader_workers(build_fsaf_train_loader(cfg))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -348,6 +350,14 @@ class Trainer(DefaultTrainer):
                 ),
             )
         return ret
+
+    def after_train(self):
+        """The hooks' ``after_train``, then the training loader's workers stop (also after an exception or a
+        preemption: Detectron2 calls this in a ``finally``)."""
+        try:
+            super().after_train()
+        finally:
+            self._trainer.release_data_loader()
 
     # ------------------------------------------------------------------------------------------- eval
 
