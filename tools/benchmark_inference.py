@@ -21,6 +21,7 @@ reach NMS and the detections per image.
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 from typing import Dict, List
