@@ -73,7 +73,7 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
 fi
 if [ -z "${SKIP_INFER:-}" ]; then
   # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image)
-  echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, fp16, calibrated classifiers"
+  echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, $AMP, calibrated classifiers"
   "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp "$AMP" \
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
     --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet --out "$OUT/inference.json"
