@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..config import FSAF_VALID_CHOICES, check_choice
+from .device import device_type_of
 
 __all__ = ["COMPILE_MODES", "check_compile_support", "compile_static_training_step", "npu_compile_backend"]
 
@@ -33,10 +34,6 @@ logger = logging.getLogger(__name__)
 
 #: accepted values of SOLVER.COMPILE.MODE (torch.compile's modes)
 COMPILE_MODES = FSAF_VALID_CHOICES["SOLVER.COMPILE.MODE"]
-
-
-def _device_type(device) -> str:
-    return str(device).split(":")[0]
 
 
 def check_compile_support(cfg) -> None:
@@ -62,7 +59,7 @@ def check_compile_support(cfg) -> None:
             "SOLVER.COMPILE does not support the combined model (MODEL.FSAF.ANCHOR_BASED True): its anchor-based "
             "branch matches ground truth Instances on the host. Set SOLVER.COMPILE.ENABLED False."
         )
-    device_type = _device_type(cfg.MODEL.DEVICE)
+    device_type = device_type_of(cfg.MODEL.DEVICE)
     if device_type == "npu":
         if mode != "default":
             raise ValueError(
