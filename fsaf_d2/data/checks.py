@@ -35,6 +35,7 @@ __all__ = [
     "check_datasets",
     "filter_training_annotations",
     "check_num_classes",
+    "check_category_ids",
     "num_classes_key",
 ]
 
@@ -248,16 +249,20 @@ def num_classes_key(cfg) -> Optional[Tuple[str, str]]:
 
 
 def check_num_classes(cfg, dataset_names: Sequence[str], dataset_dicts: List[dict]) -> None:
-    """Raise if a category id of the data is >= the model's number of classes (key named in the error).
-
-    Checked for the FSAF and RetinaNet meta-architectures; a model with *more* classes than the dataset's
-    ``thing_classes`` only gets a warning (it trains, but wastes outputs).
-    """
+    """:func:`check_category_ids` against the model's number of classes, for the FSAF and RetinaNet
+    meta-architectures (``MODEL.FSAF.NUM_CLASSES`` / ``MODEL.RETINANET.NUM_CLASSES``)."""
     keys = num_classes_key(cfg)
     if keys is None:
         return
-    num_classes = cfg.MODEL[keys[0]][keys[1]]
-    key = f"MODEL.{keys[0]}.{keys[1]}"
+    check_category_ids(cfg.MODEL[keys[0]][keys[1]], f"MODEL.{keys[0]}.{keys[1]}", dataset_names, dataset_dicts)
+
+
+def check_category_ids(num_classes: int, key: str, dataset_names: Sequence[str], dataset_dicts: List[dict]) -> None:
+    """Raise if a category id of the data is >= ``num_classes`` (the config key ``key``, named in the error).
+
+    A model with *more* classes than the dataset's ``thing_classes`` only gets a warning (it trains, but
+    wastes outputs).
+    """
     max_id = max((a["category_id"] for r in dataset_dicts for a in r.get("annotations", ())), default=-1)
     classes = MetadataCatalog.get(dataset_names[0]).get("thing_classes", None) if dataset_names else None
     if max_id >= num_classes:

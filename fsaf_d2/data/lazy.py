@@ -8,9 +8,9 @@ model's classes.
 import logging
 from typing import List, Optional, Sequence, Union
 
-from detectron2.data import MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import get_detection_dataset_dicts
 
-from .checks import check_datasets, filter_training_annotations
+from .checks import check_category_ids, check_datasets, filter_training_annotations
 
 __all__ = ["train_dataset_dicts", "test_dataset_dicts"]
 
@@ -32,14 +32,7 @@ def train_dataset_dicts(
         return dicts
     dicts, _ = filter_training_annotations(dicts, filter_empty=filter_empty, dataset_names=names)
     if num_classes is not None:
-        max_id = max((a["category_id"] for r in dicts for a in r.get("annotations", ())), default=-1)
-        if max_id >= num_classes:
-            classes = MetadataCatalog.get(names[0]).get("thing_classes", None)
-            raise ValueError(
-                f"model.num_classes={num_classes}, but dataset(s) {names} have category id {max_id}"
-                + (f" ({len(classes)} classes)" if classes else "")
-                + ". Set model.num_classes (and dataloader.train.dataset.num_classes) to the dataset's classes."
-            )
+        check_category_ids(num_classes, "model.num_classes", names, dicts)
     return dicts
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from detectron2.utils.events import CommonMetricPrinter, get_event_storage
+from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
 
 from ..utils.io import atomic_write_bytes
 from .comm import any_rank
@@ -31,6 +31,7 @@ from .device import manual_seed_all, max_memory_allocated, synchronize
 from .faults import EXIT_PREEMPTED, PREEMPTION_SIGNALS, Preempted
 
 __all__ = [
+    "training_writers",
     "ThroughputHook",
     "DeviceMetricPrinter",
     "DeterministicDataStream",
@@ -165,6 +166,17 @@ class DeviceMetricPrinter(CommonMetricPrinter):
             parts.append(f"max_mem: {mem / 1024.0 / 1024.0:.0f}M")
         return parts
 
+
+
+def training_writers(output_dir: str, max_iter: int, device_type: str) -> list:
+    """The event writers of a training run: the console (:class:`DeviceMetricPrinter`), ``metrics.json`` and
+    TensorBoard, in ``output_dir`` (created)."""
+    os.makedirs(output_dir, exist_ok=True)
+    return [
+        DeviceMetricPrinter(max_iter, device_type),
+        JSONWriter(os.path.join(output_dir, "metrics.json")),
+        TensorboardXWriter(output_dir),
+    ]
 
 class _LineExtension(logging.LoggerAdapter):
     """A logger that appends ``extra_fields(message)`` (a list of "key: value" strings) to each message."""

@@ -8,7 +8,15 @@ import time
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 from detectron2.utils import comm
 
-__all__ = ["TimedEvaluator"]
+from .device import is_accelerator, synchronize
+
+__all__ = ["TimedEvaluator", "inference_callbacks"]
+
+
+def inference_callbacks(device_type: str):
+    """``inference_on_dataset``'s callbacks for ``device_type``: on accelerators the device is synchronised
+    after the last batch, so that the inference time holds the queued work; None on the CPU."""
+    return {"after_inference": lambda: synchronize(device_type)} if is_accelerator(device_type) else None
 
 
 class TimedEvaluator(DatasetEvaluator):

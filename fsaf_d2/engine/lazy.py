@@ -29,7 +29,6 @@ from detectron2.engine import default_setup
 from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter, TensorboardXWriter
 from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
@@ -41,13 +40,12 @@ from .device import (
     apply_npu_env_defaults,
     apply_npu_runtime,
     device_type_of,
-    is_accelerator,
     manual_seed_all,
     resolve_device,
-    synchronize,
 )
 from .evaluation import resolve_coco_eval_backend
-from .hooks import DeviceMetricPrinter, ThroughputHook
+from .hooks import ThroughputHook, training_writers
+from .inference_timing import inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
 __all__ = [
@@ -210,23 +208,12 @@ def do_test(cfg, model):
     if "output_dir" not in evaluator_cfg or evaluator_cfg.output_dir is None:
         evaluator_cfg.output_dir = os.path.join(cfg.train.output_dir, "inference")
     device_type = device_type_of(cfg.train.get("device", "cuda"))
-    callbacks = {"after_inference": lambda: synchronize(device_type)} if is_accelerator(device_type) else None
     results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(evaluator_cfg), callbacks=callbacks
+        model, instantiate(cfg.dataloader.test), instantiate(evaluator_cfg), callbacks=inference_callbacks(device_type)
     )
     if comm.is_main_process():
         print_csv_format(results)
     return results
-
-
-def _writers(cfg, device_type: str):
-    output_dir = cfg.train.output_dir
-    os.makedirs(output_dir, exist_ok=True)
-    return [
-        DeviceMetricPrinter(cfg.train.max_iter, device_type),
-        JSONWriter(os.path.join(output_dir, "metrics.json")),
-        TensorboardXWriter(output_dir),
-    ]
 
 
 def do_train(cfg, resume: bool = False):
@@ -258,7 +245,9 @@ def do_train(cfg, resume: bool = False):
             if comm.is_main_process()
             else None,
             d2_hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
-            d2_hooks.PeriodicWriter(_writers(cfg, device_type), period=cfg.train.log_period)
+            d2_hooks.PeriodicWriter(
+                training_writers(cfg.train.output_dir, cfg.train.max_iter, device_type), period=cfg.train.log_period
+            )
             if comm.is_main_process()
             else None,
         ]

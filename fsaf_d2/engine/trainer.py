@@ -33,7 +33,7 @@ from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
-from detectron2.utils.events import JSONWriter, TensorboardXWriter, get_event_storage
+from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..data.config_datasets import check_config_datasets
@@ -46,17 +46,15 @@ from .device import (
     apply_npu_env_defaults,
     device_type_of,
     import_torch_npu,
-    is_accelerator,
     manual_seed_all,
     max_memory_allocated,
     resolve_device,
-    synchronize,
 )
 from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
 from .faults import shield_loader_workers
-from .hooks import DeterministicDataStream, DeviceMetricPrinter, PreemptionHook, ThroughputHook
-from .inference_timing import TimedEvaluator
+from .hooks import DeterministicDataStream, PreemptionHook, ThroughputHook, training_writers
+from .inference_timing import TimedEvaluator, inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
 __all__ = ["Trainer", "config_from_args", "pre_launch", "setup", "prepare_worker"]
@@ -311,12 +309,7 @@ class Trainer(DefaultTrainer):
 
     def build_writers(self):
         """Console (device memory, images/s), ``metrics.json`` and TensorBoard writers."""
-        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
-        return [
-            DeviceMetricPrinter(self.max_iter, self.device_type),
-            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
-            TensorboardXWriter(self.cfg.OUTPUT_DIR),
-        ]
+        return training_writers(self.cfg.OUTPUT_DIR, self.max_iter, self.device_type)
 
     def build_hooks(self):
         """Detectron2's default hooks plus throughput and (with ``SEED >= 0``) the deterministic data stream."""
@@ -381,7 +374,7 @@ class Trainer(DefaultTrainer):
         if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
             raise ValueError(f"{len(evaluators)} evaluators given for {len(cfg.DATASETS.TEST)} test sets")
         dtype = device_type_of(cfg.MODEL.DEVICE)
-        callbacks = {"after_inference": lambda: synchronize(dtype)} if is_accelerator(dtype) else None
+        callbacks = inference_callbacks(dtype)
         results = OrderedDict()
         for idx, name in enumerate(cfg.DATASETS.TEST):
             loader = cls.build_test_loader(cfg, name)
