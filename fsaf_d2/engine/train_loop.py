@@ -193,6 +193,8 @@ class DeviceTrainer(SimpleTrainer):
             NonFiniteLossError: naming the iteration and this rank's loss terms (without ``skip_nonfinite``,
                 or after more than ``max_consecutive_skips`` skipped steps in a row).
         """
+        # one host sync per step, where the step waits anyway: Detectron2's metric writer reads every loss
+        # term on the host right after this (SimpleTrainer._write_metrics)
         finite = bool(torch.isfinite(losses.detach()).all())
         if not any_rank(not finite):
             return False
@@ -210,7 +212,10 @@ class DeviceTrainer(SimpleTrainer):
         return True
 
     def optimizer_step(self) -> None:
-        """Step the optimizer through the grad scaler; an fp16 step the scaler skipped (overflow) is counted."""
+        """Step the optimizer through the grad scaler; an fp16 step the scaler skipped (overflow) is counted.
+
+        With an enabled scaler (fp16 AMP) ``get_scale()`` reads the scale on the host before and after the step:
+        the second read waits for the optimizer's kernels (one sync per step, fp16 only)."""
         scale = self.grad_scaler.get_scale() if self.grad_scaler.is_enabled() else None
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
