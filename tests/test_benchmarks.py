@@ -131,6 +131,25 @@ def test_inference_benchmark_loads_post_processing_like_a_trained_model(tmp_path
     assert data["machine"]["cpu_capability"] and data["machine"]["cpu"]
 
 
+@pytest.mark.timeout(600)
+def test_inference_benchmark_counts_retinanet_candidates_in_channels_last(tmp_path):
+    """Detectron2's RetinaNet takes the sigmoid of its logits in place, which in channels-last reaches the
+    stored head outputs (its transpose is then a view): the counts and the post-processing timing must still
+    see the calibrated logits, not scores squashed twice (every pair above 0.05)."""
+    benchmark_inference = load_tool("benchmark_inference")
+    out = tmp_path / "inference_cl.json"
+    rc = benchmark_inference.main(
+        ["--batches", "1", "--size", "96x128", "--depth", "18", "--iters", "2", "--warmup", "1",
+         "--candidates", "400", "--threads", "1", "--memory-format", "channels_last", "--out", str(out)]
+    )
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["model"] for r in results] == ["fsaf", "retinanet"]
+    for r in results:
+        assert 390 <= r["pairs_above_thresh_per_image"] <= 410, r
+        assert r["nms_candidates_per_image"] <= r["pairs_above_thresh_per_image"] and r["detections_per_image"] == 100
+
+
 def test_inference_benchmark_compares_nms_per_image_with_one_call_per_batch(capsys):
     benchmark_inference = load_tool("benchmark_inference")
     assert benchmark_inference.main(["--compare-nms", "300", "--batches", "3", "--iters", "1"]) == 0
