@@ -72,11 +72,13 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
     --models fsaf fsaf_static "${compiled[@]}" retinanet --out "$OUT/bench_paired_compile.json" "$@"
 fi
 if [ -z "${SKIP_INFER:-}" ]; then
-  # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image)
+  # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image); FSAF in
+  # NCHW too, so that FSAF against RetinaNet in one layout is in the same run as the as-shipped pairing
   echo "=== inference: FSAF vs RetinaNet, batch 1 and 8, $AMP, calibrated classifiers"
   "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp "$AMP" \
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
-    --models fsaf "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet --out "$OUT/inference.json"
+    --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet \
+    --out "$OUT/inference.json"
 fi
 echo "=== data path (COCO-like 480x640 JPEGs resized to 800x1333, batch $BATCH, delivered to $DEVICE)"
 PIN="0"
