@@ -1,10 +1,10 @@
 """End-to-end: the README's main command (scripts/quickstart.sh), as a new user runs it.
 
-Both tests are long (marked ``slow``) and run in CI:
-* ``test_quickstart_pipeline`` runs the script with a shortened schedule: data generation, training
-  through train_net.py, COCO evaluation with the AP table, and the demo pictures.
-* ``test_quickstart_reaches_stated_ap`` runs the full default schedule (3-4 minutes on an AVX-512
-  Xeon, 7-9 on an AVX2-only EPYC) and checks the box AP against the range of runs stated in docs/quickstart.md.
+One long test (marked ``slow``; it runs in CI): the script with its full default schedule (3-4 minutes on
+an AVX-512 Xeon, 7-9 on an AVX2-only EPYC), checked the way a new user reads it: data generation, training
+through train_net.py, COCO evaluation with the AP table, the closing summary, the demo pictures, and the
+box AP against the range of runs stated in docs/quickstart.md. (A shortened run of the same pipeline was a
+second test; this one asserts everything it did, and the suite is shorter by one training run.)
 """
 import json
 import os
@@ -46,27 +46,21 @@ def final_bbox_metrics(output_dir):
 
 
 @pytest.mark.slow
-def test_quickstart_pipeline(tmp_path):
-    log, out = run_quickstart(tmp_path, "SOLVER.MAX_ITER", "30", "SOLVER.STEPS", "(20,)", "SOLVER.CHECKPOINT_PERIOD", "15")
+def test_quickstart_job_end_to_end(tmp_path):
+    log, out = run_quickstart(tmp_path)
     assert re.search(r"\|\s*AP\s*\|\s*AP50\s*\|", log), "the AP table is printed"
     assert "images/s" in log
-    # the closing summary: FPS and AP, where the pictures are, the whole job's time
+    # the closing summary: FPS and AP, where the pictures are, the CPU, the whole job's time
     assert re.search(r"^bbox AP: \d+\.\d+\s+AP50: \d+\.\d+", log, re.M), log[-2000:]
     assert f"detections drawn in {out}/demo/" in log
     assert re.search(r"\[quickstart\] CPU: .+, \d+ cores, torch CPU capability \w+", log)
     assert re.search(r"whole job \d+ min \d+ s", log)
-    metrics = final_bbox_metrics(out)
-    assert 0 <= metrics["bbox/AP"] <= 100
     assert os.path.isfile(out / "model_final.pth")
     demo = sorted(os.listdir(out / "demo"))
     assert len(demo) == 4 and all(name.endswith(".jpg") for name in demo)
-    # the data was generated where FSAF_D2_DATASETS points, once
+    # the data was generated where FSAF_D2_DATASETS points
     assert os.path.isfile(tmp_path / "data" / "annotations" / "instances_val.json")
-
-
-@pytest.mark.slow
-def test_quickstart_reaches_stated_ap(tmp_path):
-    _, out = run_quickstart(tmp_path)
+    # the detector clearly works: the AP of the measured runs, less the tolerance
     metrics = final_bbox_metrics(out)
     assert metrics["bbox/AP"] >= LOWEST_MEASURED_AP - TOLERANCE, metrics
     assert metrics["bbox/AP50"] >= LOWEST_MEASURED_AP50 - TOLERANCE, metrics
