@@ -2,8 +2,9 @@
 
 The equality tests compile with Inductor, as the option does (a minute or two of C++ compilation on a
 2-core CPU, hence ``slow``); they share one graph (same tiny config with COCO's 80 classes, batch and fixed
-size), so Inductor's on-disk cache serves the later compilations, in this process and in train_net.py's. The graph-count test uses the "eager" backend: what it counts
-is Dynamo's tracing, not the kernels.
+size, and train_net.py runs with this process's thread count), so Inductor's on-disk cache serves the later
+compilations, in this process and in train_net.py's. The graph-count test uses the "eager" backend: what it
+counts is Dynamo's tracing, not the kernels.
 """
 import copy
 import json
@@ -93,8 +94,11 @@ def test_train_net_trains_with_the_compiled_step(tmp_path):
     for name, opts in (("eager", STATIC), ("compiled", COMPILED)):
         out = str(tmp_path / name)
         yaml = U.opts_to_yaml(U.tiny_opts(out, "coco_2017_train", "", 80, **opts), str(tmp_path / f"{name}.yaml"))
+        # this process's thread count: Inductor's C++ kernels are built for a thread count, which is part of
+        # the cache key, so the child then reuses the kernels compiled by the tests above
+        env = U.subprocess_env(DETECTRON2_DATASETS=coco, OMP_NUM_THREADS=torch.get_num_threads())
         proc = subprocess.run([sys.executable, U.TRAIN_NET, "--config-file", yaml], cwd=str(tmp_path), text=True,
-                              env=U.subprocess_env(DETECTRON2_DATASETS=coco), capture_output=True, timeout=900)
+                              env=env, capture_output=True, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
         log = open(os.path.join(out, "log.txt")).read()
         assert ("SOLVER.COMPILE: static training step compiled" in log) == (name == "compiled")
