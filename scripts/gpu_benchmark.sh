@@ -80,12 +80,14 @@ if [ -z "${SKIP_INFER:-}" ]; then
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet \
     --out "$OUT/inference.json"
 fi
-echo "=== data path (COCO-like 480x640 JPEGs resized to 800x1333, batch $BATCH, delivered to $DEVICE)"
-PIN="0"
-case "$DEVICE" in cuda*|npu*) PIN="0 1" ;; esac
-"$PY" -m fsaf_d2.benchmark_data --device "$DEVICE" --images 64 --batch "$BATCH" --workers ${DATA_WORKERS:-0 4 8 12} \
-  --backends pil cv2 --pin-memory $PIN --decoders pil torchvision torchvision-cuda --batches "${DATA_BATCHES:-40}" \
-  --out "$OUT/data_loader.json"
+if [ -z "${SKIP_DATA:-}" ]; then
+  echo "=== data path (COCO-like 480x640 JPEGs resized to 800x1333, batch $BATCH, delivered to $DEVICE)"
+  PIN="0"
+  case "$DEVICE" in cuda*|npu*) PIN="0 1" ;; esac
+  "$PY" -m fsaf_d2.benchmark_data --device "$DEVICE" --images 64 --batch "$BATCH" --workers ${DATA_WORKERS:-0 4 8 12} \
+    --backends pil cv2 --pin-memory $PIN --decoders pil torchvision torchvision-cuda --batches "${DATA_BATCHES:-40}" \
+    --out "$OUT/data_loader.json"
+fi
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
   # float16 AMP on accelerators; the CPU dry run of this script trains with bfloat16 (CPU autocast refuses fp16)
