@@ -325,8 +325,10 @@ class Trainer(DefaultTrainer):
         pos = next((i + 1 for i, h in enumerate(ret) if isinstance(h, d2_hooks.IterationTimer)), 0)
         ret.insert(pos, throughput)
         if self.model_ema is not None:
-            # before the checkpointer (checkpoints hold their iteration's EMA); evaluation uses the EMA
-            pos = next(i for i, h in enumerate(ret) if isinstance(h, d2_hooks.PeriodicCheckpointer))
+            # before the checkpointer (checkpoints hold their iteration's EMA) and the evaluation (it uses the
+            # EMA). Only the main process has a checkpointer; every process evaluates and updates its EMA.
+            stages = (d2_hooks.PeriodicCheckpointer, d2_hooks.EvalHook, d2_hooks.PeriodicWriter)
+            pos = next((i for i, h in enumerate(ret) if isinstance(h, stages)), len(ret))
             ret.insert(pos, ModelEMAHook(self.model_ema))
             for hook in ret:
                 if isinstance(hook, d2_hooks.EvalHook):

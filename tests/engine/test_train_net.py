@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import engine_testutils as U
 
@@ -86,19 +87,21 @@ def test_train_net_spawns_two_cpu_workers(tmp_path, coco_root):
 
 def test_shipped_quickstart_config_trains_in_two_processes(tmp_path):
     """The README's quickstart config under ``--num-gpus 2``: DDP reduces every parameter's gradient at
-    every step (no unused P7), and the periodic checkpoints of both steps are written."""
+    every step (no unused P7), and the periodic checkpoints of both steps are written. With the weights'
+    EMA on, which every process keeps while only the main one has a checkpointer."""
     data = str(tmp_path / "quickstart")
     subprocess.run([sys.executable, "-m", "fsaf_d2.data.quickstart", "--root", data, "--num-train", "32",
                     "--num-val", "4", "--no-progress"], check=True, env=U.subprocess_env(), capture_output=True)
     out = str(tmp_path / "out")
     cmd = [sys.executable, U.TRAIN_NET, "--config-file", os.path.join(U.REPO_ROOT, "configs", "quickstart_R18_FPN.yaml"),
            "--num-gpus", "2", "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "6", "SOLVER.CHECKPOINT_PERIOD", "3",
-           "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", out]
+           "TEST.EVAL_PERIOD", "0", "MODEL_EMA.ENABLED", "True", "OUTPUT_DIR", out]
     [(rc, output)] = _run([subprocess.Popen(cmd, env=U.subprocess_env(FSAF_D2_DATASETS=data), cwd=str(tmp_path),
                                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)])
     assert rc == 0, output[-6000:]
     assert "Expected to have finished reduction" not in output
     assert {"model_0000002.pth", "model_0000005.pth", "model_final.pth"} <= set(os.listdir(out))
+    assert "model_ema" in torch.load(os.path.join(out, "model_0000005.pth"), map_location="cpu", weights_only=False)
     metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
     assert max(m["iteration"] for m in metrics if "total_loss" in m) == 5
 
