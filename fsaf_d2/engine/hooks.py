@@ -261,7 +261,9 @@ class PreemptionHook(HookBase):
     ranks wait for it and raise :class:`~fsaf_d2.engine.faults.Preempted`, i.e. exit with
     :data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED`. ``--resume`` continues from the next iteration. A signal
     during the last step lets training end normally. The handlers are installed for ``train()`` only, from
-    the main thread.
+    the main thread: :class:`~fsaf_d2.engine.trainer.Trainer` installs them (:meth:`install`) before any
+    hook's ``before_train``, so that a signal while the data stream is being rebuilt on resume is kept too;
+    on its own the hook installs them in its ``before_train``.
 
     Args:
         checkpointer: the trainer's checkpointer (writes on the main process only).
@@ -277,17 +279,27 @@ class PreemptionHook(HookBase):
     def _on_signal(self, signum, frame):
         self._received = signum
 
-    def before_train(self):
+    def install(self):
+        """Record the signals from now on (main thread only; a second call keeps the first installation)."""
+        if self._previous:
+            return
         self._received = None
         if threading.current_thread() is not threading.main_thread():
             logger.warning("PreemptionHook: training runs outside the main thread; preemption signals not handled")
             return
         self._previous = {s: signal.signal(s, self._on_signal) for s in self.signals}
 
-    def after_train(self):
+    def restore(self):
+        """Give the signals their previous handlers back."""
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+
+    def before_train(self):
+        self.install()
+
+    def after_train(self):
+        self.restore()
 
     def after_step(self):
         if not any_rank(self._received is not None):

@@ -290,9 +290,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        """fsaf_d2's evaluation loader, its workers shielded from preemption signals like the training loader's
+        (a signal during a periodic evaluation is handled after that step)."""
         from ..data import build_fsaf_test_loader
 
-        return build_fsaf_test_loader(cfg, dataset_name)
+        return shield_loader_workers(build_fsaf_test_loader(cfg, dataset_name))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -345,6 +347,19 @@ class Trainer(DefaultTrainer):
                 ),
             )
         return ret
+
+    def train(self):
+        """``DefaultTrainer.train`` with the preemption signals recorded from its start: before any hook's
+        ``before_train`` (on resume, :class:`DeterministicDataStream` rebuilds and fast-forwards the data
+        stream there), so a signal then still ends in a checkpoint and exit code 75."""
+        preemption = [h for h in self._hooks if isinstance(h, PreemptionHook)]
+        for hook in preemption:
+            hook.install()
+        try:
+            return super().train()
+        finally:
+            for hook in preemption:
+                hook.restore()
 
     def after_train(self):
         """The hooks' ``after_train``, then the training loader's workers stop (also after an exception or a
