@@ -6,6 +6,7 @@ from typing import List, Union
 from detectron2.data import build_detection_test_loader, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader
 from detectron2.data.samplers import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler, TrainingSampler
+from detectron2.utils import comm
 
 from .checks import check_datasets, check_num_classes, filter_training_annotations
 from .config_datasets import register_config_datasets
@@ -82,14 +83,17 @@ def build_fsaf_train_loader(cfg):
 
     Uses :func:`get_fsaf_train_dataset_dicts`, :class:`FSAFDatasetMapper` and
     :func:`build_fsaf_train_sampler`. With ``cfg.SEED >= 0`` the order of images and the data-loader worker
-    seeds (hence random flips) are deterministic. Images are uint8 (3, H, W) tensors, in pinned memory with
+    seeds (hence random flips) are deterministic; the worker seeds differ by rank (``SEED + rank``), as the
+    main process's do in Detectron2's ``default_setup``. Images are uint8 (3, H, W) tensors, in pinned memory with
     ``DATALOADER.PIN_MEMORY`` on cuda / npu (:func:`pin_memory`).
     """
     dicts = get_fsaf_train_dataset_dicts(cfg)
     kwargs = {}
     seed = _seed(cfg)
     if seed is not None and "seed" in inspect.signature(build_batch_data_loader).parameters:
-        kwargs["seed"] = seed  # torch.Generator of the DataLoader -> worker seeds
+        # the DataLoader's torch.Generator -> its workers' seeds (random flips, scales): one stream per rank.
+        # The sampler keeps the shared SEED, so that the ranks split one image order between them.
+        kwargs["seed"] = seed + comm.get_rank()
     if pin_memory(cfg):
         kwargs["pin_memory"] = True
     return build_detection_train_loader(

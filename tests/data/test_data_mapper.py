@@ -152,6 +152,19 @@ def test_train_loader_is_deterministic_with_seed(registered_small_quickstart):
         assert d["instances"].gt_boxes.tensor.shape[1] == 4 and len(d["instances"]) >= 1
 
 
+def test_train_loader_workers_draw_another_stream_on_every_rank(registered_small_quickstart, monkeypatch):
+    """Ranks share the sampler's seed (they split one image order) but not the workers' random stream:
+    with one stream, corresponding images of every rank would be flipped alike."""
+    from detectron2.utils import comm
+
+    seeds = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(comm, "get_rank", lambda rank=rank: rank)
+        loader = build_fsaf_train_loader(loader_cfg(**{"SEED": 3, "DATALOADER.ASPECT_RATIO_GROUPING": False}))
+        seeds[rank] = (loader.generator.initial_seed(), loader.dataset.sampler._seed)
+    assert seeds == {0: (3, 3), 1: (4, 3)}
+
+
 @pytest.mark.parametrize("device,pin,grouping,pinned", [
     ("cpu", True, True, False),  # nothing to copy to
     ("cuda", True, True, True),
