@@ -36,3 +36,19 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         atomic_torch_save({"x": 2}, str(target))
     monkeypatch.undo()
     assert torch.load(str(target)) == {"x": 1} and os.listdir(tmp_path) == ["m.pth"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_files_get_the_mode_of_a_plain_write(tmp_path, umask):
+    """Checkpoints must be readable as torch.save's would be (group jobs, serving under another uid), not
+    left with the private mode of the temporary file."""
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"w": torch.zeros(1)}, str(tmp_path / "model.pth"))
+        atomic_write_bytes(str(tmp_path / "last_checkpoint"), b"model.pth")
+        torch.save({"w": torch.zeros(1)}, str(tmp_path / "plain.pth"))
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for name in ("model.pth", "last_checkpoint", "plain.pth"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

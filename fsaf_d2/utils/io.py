@@ -37,6 +37,20 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where Linux shows it, else set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any], *, durable: bool = True) -> None:
     """Call ``write_fn(file)`` on a temporary file next to ``path``, then atomically rename it to ``path``.
 
@@ -48,6 +62,7 @@ def atomic_write(path: str, write_fn: Callable[[BinaryIO], Any], *, durable: boo
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would survive the rename: the mode of open()
         with os.fdopen(fd, "wb") as f:
             write_fn(f)
             if durable:
