@@ -67,6 +67,13 @@ def choose_fixed_size(image_sizes: Sequence[Tuple[int, int]], fixed_sizes: Seque
     return min(fits, key=lambda hw: (hw[0] * hw[1], hw))
 
 
+def _without_crowd(instances: Instances) -> Instances:
+    """``instances`` less its crowd boxes (``gt_is_crowd``, present with ``MODEL.FSAF.CROWD_AS_IGNORE``)."""
+    if not instances.has("gt_is_crowd"):
+        return instances
+    return instances[~instances.gt_is_crowd]
+
+
 @META_ARCH_REGISTRY.register()
 class FSAF(DenseDetector):
     """FSAF: an anchor-free head on every FPN level, each object trained on the level where its loss
@@ -268,9 +275,11 @@ class FSAF(DenseDetector):
         losses = self.losses(images, features, predictions, *gt)
         if self.anchor_based is None:
             return losses
-        # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5
+        # combined model: RetinaNet's loss + AF_LOSS_WEIGHT * (FSAF cls + FSAF box), paper Sec. 3.5. Crowd boxes
+        # (kept by MODEL.FSAF.CROWD_AS_IGNORE) are not objects for RetinaNet's matcher: its branch sees the
+        # other boxes only, so crowd regions are background to it, as in Detectron2's RetinaNet
         total = self.anchor_based.forward_training(
-            images, features, predictions[2:], [x.to(self.device) for x in gt_instances]
+            images, features, predictions[2:], [_without_crowd(x).to(self.device) for x in gt_instances]
         )
         total.update({k: self.af_loss_weight * v for k, v in losses.items()})
         return total

@@ -80,3 +80,26 @@ def test_anchor_based_candidates_outside_the_image_are_dropped_before_nms():
     assert (unfiltered[0] & ~valid[0]).sum() > 100  # image 0: many empty boxes in the padding
     assert torch.equal(unfiltered[1], valid[1])  # image 1 fills the batch: nothing lies outside it
     assert (boxes[0][valid[0]][:, 2:] <= torch.tensor([128.0, 96.0])).all()
+
+
+def test_crowd_boxes_are_background_for_the_anchor_based_branch(monkeypatch):
+    """With CROWD_AS_IGNORE the mapper keeps crowd boxes (flagged); RetinaNet's matcher has no ignore rule, so
+    its branch must not match anchors to them as objects: it trains on the other boxes only."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("configs/fsaf_retinanet_R50_FPN_1x.yaml", **{"MODEL.FSAF.CROWD_AS_IGNORE": True}))
+    model.train()
+    x = make_input(96, 128, [[10, 10, 50, 60], [60, 5, 120, 90]], [0, 2])
+    x["instances"].gt_is_crowd = torch.tensor([False, True])
+    seen = []
+    label_anchors = model.anchor_based.label_anchors
+
+    def record(anchors, gt_instances):
+        labels, boxes = label_anchors(anchors, gt_instances)
+        seen.append([int((lab == c).sum()) for lab in labels for c in (0, 2)])
+        return labels, boxes
+
+    monkeypatch.setattr(model.anchor_based, "label_anchors", record)
+    with EventStorage():
+        losses = model([x])
+    assert seen == [[seen[0][0], 0]] and seen[0][0] > 0  # anchors of the real box, none of the crowd one
+    assert all(torch.isfinite(v) for v in losses.values())
