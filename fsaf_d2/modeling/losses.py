@@ -127,7 +127,10 @@ def _dense_losses(
         cls_logits, label_targets, alpha=settings.focal_alpha, gamma=settings.focal_gamma, reduction="none"
     )
     focal = focal * label_weights
-    pred_boxes = box_coder.apply_deltas(reg_deltas.clamp(min=settings.reg_clamp_min), priors[None].expand(n, r, 4))
+    # only the candidate positives are decoded, as in the reference: elsewhere a constant stands in, so that a
+    # non-finite distance there (a diverged fp16 head) cannot turn the gradient into 0 * inf = NaN
+    deltas = torch.where(positive[..., None], reg_deltas, torch.ones_like(reg_deltas))
+    pred_boxes = box_coder.apply_deltas(deltas.clamp(min=settings.reg_clamp_min), priors[None].expand(n, r, 4))
     reg = iou_loss(pred_boxes, box_targets, settings.iou_eps) * positive
     return focal, reg
 

@@ -124,6 +124,23 @@ def test_gradients_flow_and_selection_has_none():
     assert g[12].abs().sum() > 0 and g[8].abs().sum() == 0  # only the selected candidate regresses
 
 
+def test_non_finite_distance_outside_the_positives_leaves_gradients_finite():
+    """A distance that overflowed (fp16 inf) at a prior that is not a candidate positive takes no part in the
+    loss; its 0 weight must not meet the inf in the backward pass (0 * inf = NaN in every weight's gradient)."""
+    inputs = two_level_setup(True)
+    _, d = fsaf_losses(**inputs, return_details=True)
+    negative = int((~d.assignment.positive[0]).nonzero()[0, 0])
+    clean = fsaf_losses(**inputs)
+    deltas = inputs["reg_deltas"].detach().clone()
+    deltas[0, negative] = float("inf")
+    inputs["reg_deltas"] = deltas.requires_grad_(True)
+    losses = fsaf_losses(**inputs)
+    (losses["loss_fsaf_cls"] + losses["loss_fsaf_reg"]).backward()
+    assert torch.isfinite(inputs["reg_deltas"].grad).all() and torch.isfinite(inputs["cls_logits"].grad).all()
+    for k in clean:
+        assert torch.equal(losses[k].detach(), clean[k].detach()), k
+
+
 def test_iou_loss_values():
     a = torch.tensor([0.0, 0.0, 10.0, 10.0])
     assert iou_loss(a, a).item() == pytest.approx(0.0, abs=1e-6)
