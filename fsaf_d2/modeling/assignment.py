@@ -99,7 +99,7 @@ def assign_center_region(
             centre lies strictly inside the box shrunk by ``ignore_gt_scale`` are ignored everywhere.
 
     Rules (in order): a prior is a candidate positive of object g if its centre is strictly inside g
-    and it overlaps g's core; the smallest object wins a prior claimed by several; the other claims
+    and it overlaps g's core; the smallest object (of equal areas, the last) wins a prior claimed by several; the other claims
     become (prior, class) ignores, like the shadow-region overlaps; ignore regions turn priors into
     ignored ones; a positive whose own class is also shadowed there becomes a (class-ignored)
     background prior.
@@ -112,10 +112,11 @@ def assign_center_region(
     in_core = inside & (pairwise_iof(priors, scale_boxes(gt_boxes, pos_scale)) > min_pos_iof) & real
     in_shadow = (pairwise_iof(priors, scale_boxes(gt_boxes, neg_scale)) > min_pos_iof) & real & ~in_core
 
-    # the smallest object (ties: the lowest slot) claims a prior that lies in several cores
+    # the smallest object claims a prior that lies in several cores; between equal areas the highest slot, as
+    # the reference's priorities (area ranks from a stable descending sort) give it
     area = (gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1])  # (N, G)
     claim_area = torch.where(in_core, area[:, None, :], torch.full_like(area[:, None, :], float("inf")))
-    gt_index = claim_area.argmin(dim=2)  # (N, R)
+    gt_index = (g - 1) - claim_area.flip(2).argmin(dim=2)  # (N, R); argmin takes the first of equal minima
     positive = in_core.any(dim=2)
     owner = (gt_index[..., None] == torch.arange(g, device=gt_index.device)) & positive[..., None]
     shadow_pairs = in_shadow | (in_core & ~owner)  # (N, R, G)

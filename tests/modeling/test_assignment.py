@@ -62,6 +62,17 @@ def test_smaller_object_wins_and_larger_class_is_ignored_there():
     assert r.shadowed_classes[0, 0].tolist() == [True, False, False]  # ignored for the big object's class
 
 
+def test_equal_areas_go_to_the_later_object_as_in_the_reference():
+    """mmdetection ranks areas with a stable descending sort: of two equal areas the later box has the higher
+    priority and takes the prior; the earlier one's class is ignored there."""
+    p = square(50, 50, 8)
+    r = run([p], [[30, 30, 70, 70], [30, 30, 70, 70]], [0, 1])
+    assert r.gt_index[0].tolist() == [1] and r.positive[0].tolist() == [True]
+    assert r.shadowed_classes[0, 0].tolist() == [True, False, False]
+    r = run([p], [[30, 30, 70, 70], [35, 25, 65, 75], [40, 40, 60, 60]], [0, 2, 1])  # 1600, 1500, 400 px²
+    assert r.gt_index[0].tolist() == [2]  # the smallest still wins wherever it stands
+
+
 def test_same_class_overlap_becomes_ignore_for_that_class():
     big = [0, 0, 100, 100]
     small = [40, 40, 60, 60]
