@@ -114,12 +114,12 @@ def _forget_detectron2_groups() -> None:
     originals.get("_get_global_gloo_group", d2_comm._get_global_gloo_group).cache_clear()
 
 
-def release_process_groups() -> None:
+def release_process_groups(failed: bool = False) -> None:
     """Drop every Python reference to sub-groups (Detectron2's local group and gloo cache, the object
     group) and destroy all process groups. Dangling group objects destroyed at interpreter exit can abort
     the process ("terminate called without an active exception") while gloo threads are still alive.
-    Stops the :class:`PeerWatchdog` first: the peers leave now."""
-    stop_peer_watchdog()
+    Stops the :class:`PeerWatchdog` first (``failed``: this rank stops with an error, which ends its peers)."""
+    stop_peer_watchdog(failed)
     _group_cache.clear()
     _forget_detectron2_groups()
     if dist.is_available() and dist.is_initialized():
@@ -264,6 +264,7 @@ def _heartbeat_key(rank: int) -> str:
 
 
 _DONE = b"done"
+_FAILED = b"failed"
 
 
 class PeerWatchdog:
@@ -296,11 +297,13 @@ class PeerWatchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop watching (the job ends normally): peers then ignore this rank's silence."""
+    def stop(self, failed: bool = False) -> None:
+        """Stop watching. The job ends normally: peers then ignore this rank's silence; ``failed`` (this rank
+        stops with an error): peers end at once, as for a lost rank, instead of waiting in a collective for a
+        rank that has left."""
         self._stop.set()
         try:
-            self.store.set(_heartbeat_key(self.rank), _DONE)
+            self.store.set(_heartbeat_key(self.rank), _FAILED if failed else _DONE)
         except Exception:  # the store's host may already be gone at teardown
             pass
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
@@ -320,6 +323,9 @@ class PeerWatchdog:
                     value = self.store.get(key) if self.store.check([key]) else None
                     if value == _DONE:
                         del seen[r]
+                    elif value == _FAILED:
+                        self._lost(f"rank {r} stopped with an error (its log names it)")
+                        return
                     elif value != seen[r][0]:
                         seen[r] = (value, now)
                     elif now - seen[r][1] > self.timeout_s:
@@ -374,8 +380,8 @@ def start_peer_watchdog(timeout_s: float) -> Optional[PeerWatchdog]:
     return _watchdog["current"]
 
 
-def stop_peer_watchdog() -> None:
-    """Stop this worker's :class:`PeerWatchdog`, if any."""
+def stop_peer_watchdog(failed: bool = False) -> None:
+    """Stop this worker's :class:`PeerWatchdog`, if any (see :meth:`PeerWatchdog.stop`)."""
     watchdog, _watchdog["current"] = _watchdog["current"], None
     if watchdog is not None:
-        watchdog.stop()
+        watchdog.stop(failed)

@@ -154,8 +154,10 @@ def _run_in_process_group(main_func: Callable, args: tuple, device_type: str, **
     init_distributed(device_type, **init_kwargs)
     try:
         result = main_func(*args)
-    except BaseException:
-        release_process_groups()  # no barrier: the other ranks may never reach it
+    except BaseException as e:
+        # no barrier: the other ranks may never reach it. An error (not a clean exit, nor a preemption, which
+        # every rank takes at the same iteration) ends the peers through the watchdog at once
+        release_process_groups(failed=not (isinstance(e, SystemExit) and e.code in (None, 0, EXIT_PREEMPTED)))
         raise
     # every rank has finished its collectives before any group is torn down
     dist.barrier()

@@ -1,6 +1,7 @@
 """Launch + collectives: 2 CPU/gloo workers, and 2 workers on a fake NPU whose "hccl" has no gather."""
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -126,3 +127,26 @@ def test_torchrun_env_with_inconsistent_ranks_is_an_error(monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValueError, match="Inconsistent distributed environment"):
         launch(print, 1, device_type="cpu")
+
+
+@pytest.mark.parametrize("failed", [True, False])
+def test_peer_watchdog_ends_the_peers_of_a_rank_that_failed(monkeypatch, failed):
+    """A rank that stops with an error says so in the store, and its peers end at once (they may be waiting
+    in a collective for it); a rank that ends normally is simply no longer watched."""
+    from torch.distributed import HashStore
+
+    from fsaf_d2.engine.comm import PeerWatchdog
+
+    store = HashStore()
+    lost = []
+    monkeypatch.setattr(PeerWatchdog, "_lost", lambda self, why: lost.append((self.rank, why)))
+    watchdogs = [PeerWatchdog(store, rank, 2, timeout_s=1).start() for rank in (0, 1)]  # heartbeat every 0.1 s
+    watchdogs[1].stop(failed=failed)
+    deadline = time.monotonic() + 3  # 3x the silence timeout: a rank that ended normally is not "silent"
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watchdogs[0].stop()
+    if failed:
+        assert lost == [(0, "rank 1 stopped with an error (its log names it)")]
+    else:
+        assert lost == []
