@@ -118,11 +118,12 @@ def ensure_quickstart(
     if root is None:
         root = _registered_root if _registered_root is not None else default_quickstart_root()
     root = os.fspath(root)
-    if not quickstart_exists(root):
-        if comm.get_local_rank() == 0:
-            logger.info(f"Generating the fsaf_d2 quickstart dataset under {os.path.abspath(root)} ...")
-            generate_quickstart(root, num_train, num_val, seed, show_progress=show_progress)
-        comm.synchronize()
+    if comm.get_local_rank() == 0 and not quickstart_exists(root):
+        logger.info(f"Generating the fsaf_d2 quickstart dataset under {os.path.abspath(root)} ...")
+        generate_quickstart(root, num_train, num_val, seed, show_progress=show_progress)
+    # every process, whatever it found: a rank that looked after local rank 0 finished would skip the barrier
+    # that rank 0 then waits in, and the ranks' collectives would pair up wrongly
+    comm.synchronize()
     if root != _registered_root:
         register_quickstart(root)
     return root

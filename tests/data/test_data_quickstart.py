@@ -194,3 +194,22 @@ def test_loads_through_detectron2_coco_loader(registered_small_quickstart, small
     root = registered_small_quickstart
     raw = load_coco_json(os.path.join(root, "annotations", "instances_val.json"), os.path.join(root, "val"))
     assert [d["file_name"] for d in raw] == [d["file_name"] for d in DatasetCatalog.get("fsaf_quickstart_val")]
+
+
+def test_ensure_quickstart_waits_for_local_rank_0_on_every_rank(tmp_path, monkeypatch):
+    """Ranks other than local rank 0 never generate, and every rank reaches the barrier, also when the data
+    is already complete by the time it looks."""
+    from detectron2.utils import comm
+
+    previous = fdata.registered_quickstart_root()
+    root = str(tmp_path / "qs")
+    barriers = []
+    monkeypatch.setattr(comm, "synchronize", lambda: barriers.append(qs_datasets.quickstart_exists(root)))
+    try:
+        monkeypatch.setattr(comm, "get_local_rank", lambda: 0)
+        fdata.ensure_quickstart(root, num_train=3, num_val=2, show_progress=False)  # generates
+        monkeypatch.setattr(comm, "get_local_rank", lambda: 1)
+        fdata.ensure_quickstart(root, num_train=3, num_val=2, show_progress=False)  # finds it complete
+        assert barriers == [True, True]
+    finally:
+        fdata.register_quickstart(previous)
