@@ -128,11 +128,12 @@ FSAF_VALID_CHOICES = {
 }
 
 
-def check_choice(key: str, value):
-    """Return ``value`` if :data:`FSAF_VALID_CHOICES` allows it for ``key``, else raise a ``ValueError`` naming both."""
+def check_choice(key: str, value, name: str = ""):
+    """Return ``value`` if :data:`FSAF_VALID_CHOICES` allows it for ``key``, else raise a ``ValueError`` naming
+    both (``name``: how the user spells the key, e.g. a LazyConfig's ``train.amp.precision``; default ``key``)."""
     choices = FSAF_VALID_CHOICES[key]
     if value not in choices:
-        raise ValueError(f"Invalid config value {key}={value!r}; expected one of {list(choices)}")
+        raise ValueError(f"Invalid config value {name or key}={value!r}; expected one of {list(choices)}")
     return value
 
 

@@ -156,6 +156,25 @@ def test_lazy_config_errors_name_the_way_forward(tmp_path):
         load_lazy_config(shipped("fsaf_R50_FPN_1x.yaml"))  # a YAML (yacs) config
 
 
+def test_lazy_setup_errors_name_the_lazy_keys(tmp_path):
+    """AMP and evaluation-backend errors on the LazyConfig path name its keys, not the YAML ones."""
+    import argparse
+
+    from fsaf_d2.engine.lazy import lazy_setup
+
+    def setup(*opts):
+        base = ["train.device=cpu", f"train.output_dir={tmp_path}"]
+        lazy_setup(argparse.Namespace(config_file=shipped("quickstart_R18_FPN.py"), opts=base + list(opts)))
+
+    with pytest.raises(ValueError, match=r"^train\.amp\.enabled with train\.amp\.precision float16 is not supported "
+                                         r"on train\.device cpu.*Set train\.amp\.precision bfloat16"):
+        setup("train.amp.enabled=True", "train.amp.precision=float16")
+    with pytest.raises(ValueError, match=r"^Invalid config value train\.amp\.precision='half'"):
+        setup("train.amp.precision=half")
+    with pytest.raises(ValueError, match=r"^Invalid config value dataloader\.evaluator\.backend='fast'"):
+        setup("dataloader.evaluator.backend=fast")
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 @pytest.fixture(scope="module")
 def quickstart_root(tmp_path_factory):

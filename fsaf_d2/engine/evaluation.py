@@ -47,17 +47,17 @@ def faster_coco_eval_available() -> bool:
     return True
 
 
-def resolve_coco_eval_backend(choice: str) -> str:
-    """``TEST.COCO_EVAL_BACKEND`` -> "faster_coco_eval" or "pycocotools".
+def resolve_coco_eval_backend(choice: str, key: str = "TEST.COCO_EVAL_BACKEND") -> str:
+    """``TEST.COCO_EVAL_BACKEND`` -> "faster_coco_eval" or "pycocotools" (``key``: the spelling errors name).
 
     "faster_coco_eval" when the package is missing raises an ``ImportError`` naming the install command.
     """
-    check_choice("TEST.COCO_EVAL_BACKEND", choice)
+    check_choice("TEST.COCO_EVAL_BACKEND", choice, key)
     if choice == "auto":
         return "faster_coco_eval" if faster_coco_eval_available() else "pycocotools"
     if choice == "faster_coco_eval" and not faster_coco_eval_available():
         raise ImportError(
-            "TEST.COCO_EVAL_BACKEND='faster_coco_eval' but the package faster_coco_eval does not import; "
+            f"{key}='faster_coco_eval' but the package faster_coco_eval does not import; "
             f"install it ({FASTER_COCO_EVAL_HINT}) or use 'auto' / 'pycocotools'"
         )
     return choice

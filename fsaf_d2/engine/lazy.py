@@ -143,9 +143,14 @@ def lazy_pre_launch(args) -> str:
     return device
 
 
+#: the AMP keys as a LazyConfig spells them (errors name these)
+LAZY_AMP_KEYS = {"enabled": "train.amp.enabled", "precision": "train.amp.precision", "device": "train.device"}
+
+
 def _amp_settings(cfg):
     amp = cfg.train.get("amp", {})
-    return bool(amp.get("enabled", False)), parse_precision(amp.get("precision", "float16"))
+    precision = parse_precision(amp.get("precision", "float16"), LAZY_AMP_KEYS["precision"])
+    return bool(amp.get("enabled", False)), precision
 
 
 def lazy_setup(args):
@@ -156,10 +161,10 @@ def lazy_setup(args):
     device_spec = cfg.train.get("device", "cuda")
     amp, precision = _amp_settings(cfg)
     if amp:
-        check_amp_support(device_type_of(device_spec), precision)
+        check_amp_support(device_type_of(device_spec), precision, LAZY_AMP_KEYS)
     backend = OmegaConf.select(cfg, "dataloader.evaluator.backend", default=None)
     if backend is not None:
-        resolve_coco_eval_backend(backend)
+        resolve_coco_eval_backend(backend, "dataloader.evaluator.backend")
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="fsaf_d2", abbrev_name="fsaf")
     device = resolve_device(device_spec)

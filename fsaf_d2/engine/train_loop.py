@@ -20,7 +20,7 @@ Checkpoints keep the scaler state under ``"grad_scaler"`` in the trainer state, 
 """
 import logging
 import time
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from detectron2.engine import SimpleTrainer
@@ -39,29 +39,35 @@ logger = logging.getLogger(__name__)
 _PRECISION_ALIASES = {"fp16": "float16", "bf16": "bfloat16"}
 
 
-def parse_precision(name: str) -> torch.dtype:
-    """``SOLVER.AMP.PRECISION`` ("float16"/"fp16" or "bfloat16"/"bf16") as a torch dtype."""
-    name = check_choice("SOLVER.AMP.PRECISION", name)
+#: how the AMP keys are spelled in a YAML config; :mod:`fsaf_d2.engine.lazy` passes its LazyConfig spelling
+AMP_KEYS = {"enabled": "SOLVER.AMP.ENABLED", "precision": "SOLVER.AMP.PRECISION", "device": "MODEL.DEVICE"}
+
+
+def parse_precision(name: str, key: str = AMP_KEYS["precision"]) -> torch.dtype:
+    """``SOLVER.AMP.PRECISION`` ("float16"/"fp16" or "bfloat16"/"bf16") as a torch dtype (``key``: the
+    spelling errors name)."""
+    name = check_choice("SOLVER.AMP.PRECISION", name, key)
     return getattr(torch, _PRECISION_ALIASES.get(name, name))
 
 
-def check_amp_support(device_type: str, precision: torch.dtype) -> None:
-    """Fail early, naming the config keys, for AMP settings the device cannot run.
+def check_amp_support(device_type: str, precision: torch.dtype, keys: Dict[str, str] = AMP_KEYS) -> None:
+    """Fail early, naming the config keys (as ``keys`` spells them), for AMP settings the device cannot run.
 
     * CPU autocast is used with bfloat16 only: float16 on CPU raises (no silent change of precision).
     * NPU bfloat16 needs a chip that supports it (``torch_npu.npu.is_bf16_supported()``, Atlas A2/A3).
     """
+    enabled, key, device = keys["enabled"], keys["precision"], keys["device"]
     if device_type == "cpu" and precision == torch.float16:
         raise ValueError(
-            "SOLVER.AMP.ENABLED with SOLVER.AMP.PRECISION float16 is not supported on MODEL.DEVICE cpu: CPU "
-            "autocast is only fast and reliable in bfloat16. Set SOLVER.AMP.PRECISION bfloat16 (or disable AMP)."
+            f"{enabled} with {key} float16 is not supported on {device} cpu: CPU autocast is only fast and "
+            f"reliable in bfloat16. Set {key} bfloat16 (or disable AMP)."
         )
     if device_type == "npu" and precision == torch.bfloat16:
         npu = import_torch_npu().npu
         check = getattr(npu, "is_bf16_supported", None)
         if check is not None and not check():
             raise DeviceError(
-                "SOLVER.AMP.PRECISION bfloat16 requested, but this NPU does not support bfloat16 "
+                f"{key} bfloat16 requested, but this NPU does not support bfloat16 "
                 "(torch_npu.npu.is_bf16_supported() is False); use float16."
             )
 
