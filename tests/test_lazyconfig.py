@@ -238,6 +238,42 @@ def test_lazy_entry_point_trains_resumes_and_evaluates_on_cpu(quickstart_root, t
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_lazy_entry_point_saves_and_exits_75_when_preempted(quickstart_root, tmp_path):
+    """SIGTERM to the whole job (Slurm, Kubernetes), loader workers included: the step finishes, the current
+    iteration is saved and the job exits with 75; --resume continues from the next iteration."""
+    import signal
+    import time
+
+    from fsaf_d2.engine.faults import EXIT_PREEMPTED
+
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, tool_path("lazyconfig_train_net"), "--config-file", "configs/quickstart_R18_FPN.py",
+           f"train.output_dir={out}", "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=2",
+           "train.log_period=1", "train.max_iter=100000", "train.checkpointer.period=100000"]
+    proc = subprocess.Popen(cmd, env=tool_env(FSAF_D2_DATASETS=quickstart_root, OMP_NUM_THREADS="1"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not (os.path.exists(os.path.join(out, "metrics.json"))
+                                                    and len(iterations(out)[0]) >= 2):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        log, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == EXIT_PREEMPTED, log[-4000:]
+    stopped = int(re.search(r"Preempted \(SIGTERM\): stopped after iteration (\d+)", log).group(1))
+    saved = open(os.path.join(out, "last_checkpoint")).read()
+    assert saved == f"model_{stopped:07d}.pth" and os.path.isfile(os.path.join(out, saved))
+    log = run_lazy(quickstart_root, out, f"train.max_iter={stopped + 3}", flags=["--resume"])
+    assert re.search(rf"Loading from \S*model_{stopped:07d}.pth", log)
+    its, _ = iterations(out)
+    assert its[-3:] == [stopped, stopped + 1, stopped + 2]  # max_iter is exclusive
+
+
 def test_lazy_entry_point_bf16_amp_under_torchrun(quickstart_root, tmp_path):
     out = str(tmp_path / "out")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]

@@ -44,7 +44,8 @@ from .device import (
     resolve_device,
 )
 from .evaluation import resolve_coco_eval_backend
-from .hooks import ThroughputHook, training_writers
+from .faults import shield_loader_workers
+from .hooks import PreemptionHook, ThroughputHook, training_writers
 from .inference_timing import inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 
@@ -213,9 +214,8 @@ def do_test(cfg, model):
     if "output_dir" not in evaluator_cfg or evaluator_cfg.output_dir is None:
         evaluator_cfg.output_dir = os.path.join(cfg.train.output_dir, "inference")
     device_type = device_type_of(cfg.train.get("device", "cuda"))
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(evaluator_cfg), callbacks=inference_callbacks(device_type)
-    )
+    loader = shield_loader_workers(instantiate(cfg.dataloader.test))  # a preemption is the trainer's to handle
+    results = inference_on_dataset(model, loader, instantiate(evaluator_cfg), callbacks=inference_callbacks(device_type))
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -228,13 +228,15 @@ def do_train(cfg, resume: bool = False):
     model = build_lazy_model(cfg)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+    train_loader = shield_loader_workers(instantiate(cfg.dataloader.train))
     model = create_ddp_model(model, **cfg.train.get("ddp", {}))
     trainer = build_lazy_train_loop(cfg, model, train_loader, optimizer)
     checkpointer = AtomicCheckpointer(
         model, cfg.train.output_dir, trainer=trainer, model_running_scalars=ModelRunningScalars(model)
     )
     batch_size = OmegaConf.select(cfg, "dataloader.train.total_batch_size", default=0)
+    # SIGTERM / SIGUSR1 (Slurm, Kubernetes): save the current iteration and exit with 75, as train_net.py does
+    preemption = PreemptionHook(checkpointer)
     trainer.register_hooks(
         [
             d2_hooks.IterationTimer(),
@@ -255,11 +257,17 @@ def do_train(cfg, resume: bool = False):
             )
             if comm.is_main_process()
             else None,
+            preemption,  # last: the step's evaluation and metrics are done
         ]
     )
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
-    trainer.train(start_iter, cfg.train.max_iter)
+    preemption.install()  # from here on: a signal while the checkpoint is being loaded is kept too
+    try:
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+        start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+        trainer.train(start_iter, cfg.train.max_iter)
+    finally:
+        preemption.restore()
+        trainer.release_data_loader()  # shielded workers would otherwise outlive training
 
 
 def do_eval_only(cfg):
