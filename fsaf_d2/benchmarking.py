@@ -140,16 +140,25 @@ def make_infer_call(model, inputs, device: str, precision: Optional[torch.dtype]
     return call
 
 
-def time_alternating(calls: Dict[str, Callable], iters: int, device: str):
+def time_alternating(
+    calls: Dict[str, Callable], iters: int, device: str, prepare: Optional[Dict[str, Callable]] = None
+):
     """Call every function ``iters`` times, the order of the functions reversed every iteration, each call
-    timed up to a device synchronisation. Returns ({name: [seconds]}, {name: [return values]})."""
+    timed up to a device synchronisation. Returns ({name: [seconds]}, {name: [return values]}).
+
+    ``prepare``: {name: function} whose result is the argument of that call, made (and synchronised) before
+    the call's clock starts, e.g. a fresh copy of inputs that the call changes in place."""
     names = list(calls)
     times: Dict[str, List[float]] = {name: [] for name in names}
     outputs: Dict[str, list] = {name: [] for name in names}
     for i in range(iters):
         for name in names if i % 2 == 0 else reversed(names):
+            args = ()
+            if prepare is not None:
+                args = (prepare[name](),)
+                dev.synchronize(device)
             t0 = time.perf_counter()
-            out = calls[name]()
+            out = calls[name](*args)
             dev.synchronize(device)
             times[name].append(time.perf_counter() - t0)
             outputs[name].append(out)

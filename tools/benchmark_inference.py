@@ -32,7 +32,6 @@ from detectron2.structures import ImageList
 
 import fsaf_d2  # noqa: F401  (registers FSAF)
 from fsaf_d2.benchmarking import machine_description, make_infer_call, synthetic_batch, time_alternating
-from fsaf_d2.engine import device as dev
 from fsaf_d2.model_zoo import get_config_file
 
 try:  # python tools/benchmark_inference.py: tools/ is on sys.path
@@ -133,26 +132,6 @@ def candidate_counts(model, predictions, num_images: int) -> Dict[str, float]:
     return {"pairs_above_thresh_per_image": above / num_images, "nms_candidates_per_image": candidates / num_images}
 
 
-def time_post_processing(models, stored, warmup: int, iters: int, device: str) -> Dict[str, List[float]]:
-    """Seconds of ``forward_inference`` alone on each model's stored head outputs, the models alternating as
-    in :func:`~fsaf_d2.benchmarking.time_alternating`. Every call gets its own copy of the head outputs, made
-    before its clock starts: Detectron2's RetinaNet applies the sigmoid in place (``sigmoid_``), which reaches
-    the stored logits whenever its (N, HWA, K) transpose is a view of them, i.e. in channels-last."""
-    names = list(models)
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for i in range(warmup + iters):
-        for name in names if i % 2 == 0 else reversed(names):
-            images, features, predictions = stored[name]
-            fresh = [[x.clone() for x in per_level] for per_level in predictions]
-            dev.synchronize(device)
-            t0 = time.perf_counter()
-            models[name].forward_inference(ImageList(images.tensor, images.image_sizes), features, fresh)
-            dev.synchronize(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def run(args) -> List[Dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,7 +152,22 @@ def run(args) -> List[Dict]:
         times, outputs = time_alternating(calls, args.iters, args.device)
         stored = {name: head_outputs(models[name], inputs, precision, args.device) for name in models}
         counts = {name: candidate_counts(models[name], stored[name][2], batch) for name in models}
-        post_times = time_post_processing(models, stored, args.warmup, args.iters, args.device)
+
+        def post(name):
+            model, (images, features, _) = models[name], stored[name]
+            return lambda predictions: model.forward_inference(
+                ImageList(images.tensor, images.image_sizes), features, predictions
+            )
+
+        def fresh_predictions(name):
+            # Detectron2's RetinaNet applies the sigmoid in place (sigmoid_), which reaches the stored logits
+            # whenever its (N, HWA, K) transpose is a view of them (channels-last): every call gets a copy
+            return lambda: [[x.clone() for x in per_level] for per_level in stored[name][2]]
+
+        post_calls = {name: post(name) for name in models}
+        fresh = {name: fresh_predictions(name) for name in models}
+        time_alternating(post_calls, args.warmup, args.device, prepare=fresh)
+        post_times, _ = time_alternating(post_calls, args.iters, args.device, prepare=fresh)
         for name in models:
             t = statistics.median(times[name])
             dets = [len(o["instances"]) for o in outputs[name][-1]]
