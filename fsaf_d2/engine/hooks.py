@@ -167,7 +167,6 @@ class DeviceMetricPrinter(CommonMetricPrinter):
         return parts
 
 
-
 def training_writers(output_dir: str, max_iter: int, device_type: str) -> list:
     """The event writers of a training run: the console (:class:`DeviceMetricPrinter`), ``metrics.json`` and
     TensorBoard, in ``output_dir`` (created)."""
@@ -177,6 +176,7 @@ def training_writers(output_dir: str, max_iter: int, device_type: str) -> list:
         JSONWriter(os.path.join(output_dir, "metrics.json")),
         TensorboardXWriter(output_dir),
     ]
+
 
 class _LineExtension(logging.LoggerAdapter):
     """A logger that appends ``extra_fields(message)`` (a list of "key: value" strings) to each message."""

@@ -99,10 +99,10 @@ def assign_center_region(
             centre lies strictly inside the box shrunk by ``ignore_gt_scale`` are ignored everywhere.
 
     Rules (in order): a prior is a candidate positive of object g if its centre is strictly inside g
-    and it overlaps g's core; the smallest object (of equal areas, the last) wins a prior claimed by several; the other claims
-    become (prior, class) ignores, like the shadow-region overlaps; ignore regions turn priors into
-    ignored ones; a positive whose own class is also shadowed there becomes a (class-ignored)
-    background prior.
+    and it overlaps g's core; the smallest object (of equal areas, the last) wins a prior claimed by
+    several; the other claims become (prior, class) ignores, like the shadow-region overlaps; ignore
+    regions turn priors into ignored ones; a positive whose own class is also shadowed there becomes a
+    (class-ignored) background prior.
     """
     n, g = gt_boxes.shape[:2]
     gt_boxes = gt_boxes.to(priors.dtype)

@@ -129,7 +129,7 @@ def _dense_losses(
     focal = focal * label_weights
     # only the candidate positives are decoded, as in the reference: elsewhere a constant stands in, so that a
     # non-finite distance there (a diverged fp16 head) cannot turn the gradient into 0 * inf = NaN
-    deltas = torch.where(positive[..., None], reg_deltas, torch.ones_like(reg_deltas))
+    deltas = torch.where(positive[..., None], reg_deltas, 1.0)
     pred_boxes = box_coder.apply_deltas(deltas.clamp(min=settings.reg_clamp_min), priors[None].expand(n, r, 4))
     reg = iou_loss(pred_boxes, box_targets, settings.iou_eps) * positive
     return focal, reg
