@@ -1,8 +1,9 @@
 """The exit codes and errors of the faults a training job meets (docs/training.md#faults).
 
-Each fault is handled where it happens (preemption: :class:`~fsaf_d2.engine.hooks.PreemptionHook`; a dead
-worker: :mod:`~fsaf_d2.engine.launch` and :class:`~fsaf_d2.engine.comm.PeerWatchdog`; disk and checkpoint
-files: :mod:`~fsaf_d2.engine.checkpoint`; non-finite losses: :class:`~fsaf_d2.engine.train_loop.DeviceTrainer`).
+Each fault is handled where it happens (preemption: :class:`~fsaf_d2.engine.hooks.PreemptionHook` and
+:mod:`~fsaf_d2.engine.worker_shield`; a dead worker: :mod:`~fsaf_d2.engine.launch` and
+:class:`~fsaf_d2.engine.comm.PeerWatchdog`; disk and checkpoint files: :mod:`~fsaf_d2.engine.checkpoint`;
+non-finite losses: :class:`~fsaf_d2.engine.train_loop.DeviceTrainer`).
 This module only names the outcomes, so that a scheduler script can tell them apart by exit code.
 """
 
@@ -19,7 +20,6 @@ __all__ = [
     "CheckpointMismatchError",
     "OutputDirError",
     "NonFiniteLossError",
-    "shield_loader_workers",
 ]
 
 #: the signals schedulers send before killing a job (Slurm: SIGTERM, or SIGUSR1 with ``--signal``;
@@ -67,29 +67,3 @@ class OutputDirError(OSError):
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf (names the iteration and the loss terms); no step was taken with it."""
-
-
-def _ignore_preemption_signals(worker_init_fn, worker_id: int) -> None:
-    for sig in PREEMPTION_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    if worker_init_fn is not None:
-        worker_init_fn(worker_id)
-
-
-def shield_loader_workers(loader):
-    """Make the data-loader workers of ``loader`` ignore the preemption signals (in place; returns it).
-
-    Slurm and Kubernetes signal every process of a job. A torch DataLoader worker dies on SIGTERM from anyone
-    but its parent (and on SIGUSR1 by default), and the trainer would then stop with a DataLoader error
-    instead of saving the current iteration. Shielded workers keep serving until the main process has
-    saved and exits; they end with it. ``loader``: a ``torch.utils.data.DataLoader``, or Detectron2's
-    aspect-ratio grouping wrapper around one; anything else is returned unchanged.
-    """
-    import functools
-
-    from torch.utils.data import DataLoader
-
-    inner = loader if isinstance(loader, DataLoader) else getattr(loader, "dataset", None)
-    if isinstance(inner, DataLoader) and inner.num_workers > 0:
-        inner.worker_init_fn = functools.partial(_ignore_preemption_signals, inner.worker_init_fn)
-    return loader

@@ -44,10 +44,10 @@ from .device import (
     resolve_device,
 )
 from .evaluation import resolve_coco_eval_backend
-from .faults import shield_loader_workers
 from .hooks import PreemptionHook, ThroughputHook, training_writers
 from .inference_timing import inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
+from .worker_shield import shield_loader_workers
 
 __all__ = [
     "load_lazy_config",

@@ -183,8 +183,8 @@ class DeviceTrainer(SimpleTrainer):
     def release_data_loader(self) -> None:
         """Stop the training loader's worker processes now (they exit through their own shutdown protocol).
 
-        Workers shielded from preemption signals (:func:`~fsaf_d2.engine.faults.shield_loader_workers`) would
-        otherwise outlive training: at interpreter exit ``multiprocessing`` SIGTERMs its children and waits.
+        Workers shielded from preemption signals (:func:`~fsaf_d2.engine.worker_shield.shield_loader_workers`)
+        would otherwise outlive training until the process exits.
         """
         loader_iter, self._data_loader_iter_obj = self._data_loader_iter_obj, None
         close = getattr(loader_iter, "close", None)  # a generator: Detectron2's aspect-ratio grouping

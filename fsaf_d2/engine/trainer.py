@@ -52,10 +52,10 @@ from .device import (
 )
 from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
-from .faults import shield_loader_workers
 from .hooks import DeterministicDataStream, PreemptionHook, ThroughputHook, training_writers
 from .inference_timing import TimedEvaluator, inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
+from .worker_shield import shield_loader_workers
 
 __all__ = ["Trainer", "config_from_args", "pre_launch", "setup", "prepare_worker"]
 
