@@ -4,7 +4,8 @@ of ``MODEL.WEIGHTS``, converted on first use.
 :func:`convert_torchvision_resnet` renames a torchvision state dict as Detectron2's
 ``tools/convert-torchvision-to-d2.py`` does.
 
-``torchvision://resnet50`` resolves to torchvision's default ImageNet weights of ``resnet50``: the file
+``torchvision://resnet50`` resolves to torchvision's ``IMAGENET1K_V1`` weights of ``resnet50`` (those of the
+reference, :func:`torchvision_weights_file`; ``torchvision://resnet50.imagenet1k_v2`` for others): the file
 is taken from torch's hub cache (``$TORCH_HOME/hub/checkpoints``, where torchvision itself saves it),
 downloaded there if missing, converted once (``rename_torchvision_resnet_keys``) and cached next to it
 as ``fsaf_d2/<file>_d2.pkl`` in the format of Detectron2's ``tools/convert-torchvision-to-d2.py``.
@@ -107,17 +108,36 @@ def convert_torchvision_resnet(state_dict):
 
 
 def torchvision_weights_file(name: str):
-    """(path in torch's hub cache, download URL) of torchvision's default ImageNet weights of ``name``."""
+    """(path in torch's hub cache, download URL) of torchvision's ImageNet weights ``name``.
+
+    ``name`` is a torchvision model name, optionally with a weights tag after a dot. A bare name takes the
+    ``IMAGENET1K_V1`` weights where torchvision has them (``resnet50`` -> ``resnet50-0676ba61.pth``), else
+    its default: the file mmdetection's ``torchvision://resnet50`` loads and the reference models were
+    trained from (torchvision's default for ResNet-50/101 is the later ``IMAGENET1K_V2`` recipe).
+    ``resnet50.imagenet1k_v2`` or ``resnet50.default`` choose other weights.
+    """
     import torchvision
 
+    model, _, tag = name.partition(".")
     try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
+        weights = torchvision.models.get_model_weights(model)
     except (ValueError, KeyError) as e:
         raise ValueError(
-            f"MODEL.WEIGHTS '{PREFIX}{name}': torchvision has no model named {name!r} "
+            f"MODEL.WEIGHTS '{PREFIX}{name}': torchvision has no model named {model!r} "
             "(expected e.g. resnet18, resnet34, resnet50, resnet101, resnext101_64x4d)"
         ) from e
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url)), weights.url
+    tags = {w.name.lower(): w for w in weights}
+    tags["default"] = weights.DEFAULT
+    if not tag:
+        chosen = tags.get("imagenet1k_v1", weights.DEFAULT)
+    elif tag.lower() in tags:
+        chosen = tags[tag.lower()]
+    else:
+        raise ValueError(
+            f"MODEL.WEIGHTS '{PREFIX}{name}': torchvision's {model} has no weights {tag!r}; "
+            f"available: {', '.join(sorted(tags))}"
+        )
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(chosen.url)), chosen.url
 
 
 class TorchvisionWeightsHandler(PathHandler):

@@ -35,3 +35,21 @@ def test_torchvision_weights_are_converted_and_loaded(tmp_path, monkeypatch):
 def test_unknown_torchvision_model_is_a_clear_error():
     with pytest.raises(ValueError, match="no model named"):
         torchvision_weights_file("resnet5000")
+
+
+@pytest.mark.parametrize("name,file", [
+    ("resnet50", "resnet50-0676ba61.pth"),  # IMAGENET1K_V1, as mmdetection's torchvision://resnet50
+    ("resnet101", "resnet101-63fe2227.pth"),
+    ("resnet18", "resnet18-f37072fd.pth"),
+    ("resnext101_64x4d", "resnext101_64x4d-173b62eb.pth"),  # its only weights
+    ("resnet50.imagenet1k_v2", "resnet50-11ad3fa6.pth"),
+    ("resnet50.default", "resnet50-11ad3fa6.pth"),
+])
+def test_bare_names_take_the_weights_the_reference_was_trained_from(name, file):
+    path, url = torchvision_weights_file(name)
+    assert os.path.basename(path) == file and url.endswith("/" + file)
+
+
+def test_unknown_weights_tag_is_a_clear_error():
+    with pytest.raises(ValueError, match="no weights 'imagenet1k_v9'; available: default, imagenet1k_v1, imagenet1k_v2"):
+        torchvision_weights_file("resnet50.imagenet1k_v9")
