@@ -5,13 +5,13 @@ from typing import Optional
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from .data.checks import ImageReadError
 from .data.transforms import apply_resize_backend
+from .engine.checkpoint import AtomicCheckpointer
 
 __all__ = ["Predictor", "read_rgb"]
 
@@ -35,7 +35,7 @@ class Predictor:
             raise ValueError(f"INPUT.FORMAT={cfg.INPUT.FORMAT!r} is not supported by Predictor; use 'RGB' or 'BGR'")
         if model is None:
             model = build_model(cfg)
-            _load_weights(model, cfg.MODEL.WEIGHTS)
+            _load_weights(model, cfg.MODEL.WEIGHTS, strict=cfg.MODEL.get("WEIGHTS_STRICT", True))
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
         self.model = model
@@ -60,13 +60,16 @@ class Predictor:
         return outputs["instances"].to("cpu")
 
 
-def _load_weights(model, weights: str) -> None:
+def _load_weights(model, weights: str, strict: bool = True) -> None:
+    """Load ``weights`` into ``model`` as training and evaluation do: a checkpoint of another architecture or
+    class count is a :class:`~fsaf_d2.engine.faults.CheckpointMismatchError` (unless not ``strict``), not a
+    partly random model."""
     if not weights:
         logger.warning("MODEL.WEIGHTS is empty: drawing the detections of a randomly initialised model")
         return
     if "://" not in weights and not os.path.isfile(weights):
         raise FileNotFoundError(f"MODEL.WEIGHTS={weights!r} does not exist")
-    DetectionCheckpointer(model).load(weights)
+    AtomicCheckpointer(model, strict=strict).load(weights)
 
 
 def read_rgb(path: str) -> np.ndarray:

@@ -113,6 +113,18 @@ def test_missing_weights_name_the_key(setup):
         Predictor(cfg)
 
 
+def test_weights_of_another_class_count_are_an_error_not_a_partly_random_model(setup):
+    """A checkpoint that does not fit the config stops the demo, naming the key, as training does."""
+    from fsaf_d2.engine.faults import CheckpointMismatchError
+
+    config_file, weights, _ = setup
+    cfg = build_config(config_file, ["MODEL.RETINANET.NUM_CLASSES", 7, "MODEL.WEIGHTS", weights])
+    with pytest.raises(CheckpointMismatchError, match="cls_score"):
+        Predictor(cfg)
+    Predictor(build_config(config_file, ["MODEL.RETINANET.NUM_CLASSES", 7, "MODEL.WEIGHTS", weights,
+                                         "MODEL.WEIGHTS_STRICT", False]))  # the documented way out
+
+
 def test_class_names_from_test_dataset(setup):
     cfg = build_config(setup[0])
     assert class_metadata(cfg).thing_classes == list(QUICKSTART_CLASSES)

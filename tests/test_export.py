@@ -218,6 +218,22 @@ def test_cli_end_to_end(tmp_path):
     assert boxes.shape[1] == 4 and size.tolist() == [H, W]
 
 
+def test_cli_refuses_weights_of_another_class_count(tmp_path):
+    """Exporting a partly random model silently would ship it: a checkpoint that does not fit is an error."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    from fsaf_d2.engine.faults import CheckpointMismatchError
+
+    DetectionCheckpointer(build_model(tiny_cfg()), save_dir=str(tmp_path)).save("other")
+    classes = tiny_cfg().MODEL.FSAF.NUM_CLASSES + 2
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny_cfg(**{"MODEL.FSAF.NUM_CLASSES": classes}).dump())
+    tool = load_tool("export")
+    with pytest.raises(CheckpointMismatchError, match="cls_score"):
+        tool.main(["--config-file", str(config), "--output", str(tmp_path / "out"), "--input-size", str(H), str(W),
+                   "MODEL.WEIGHTS", str(tmp_path / "other.pth")])
+
+
 def test_cli_rejects_onnx_scripting(tmp_path):
     tool = load_tool("export")
     with pytest.raises(SystemExit):

@@ -24,12 +24,12 @@ import sys
 from typing import Dict, Optional, Sequence
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch import Tensor
 
 from fsaf_d2.engine import build_config
+from fsaf_d2.engine.checkpoint import AtomicCheckpointer
 from fsaf_d2.export import (
     DETECTION_OUTPUTS,
     EXPORT_METHODS,
@@ -187,7 +187,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     model = build_model(cfg)
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        AtomicCheckpointer(model, strict=cfg.MODEL.WEIGHTS_STRICT).load(cfg.MODEL.WEIGHTS)  # a mismatch is an error
     else:
         logger.warning("MODEL.WEIGHTS is empty: exporting a randomly initialised model")
     model.eval()
