@@ -11,6 +11,8 @@
 #   3. short real training runs through train_net.py (1-GPU launch, AMP fp16) on the quickstart data,
 #      eager and with SOLVER.COMPILE.
 # Results go to $OUT (default ./gpu_out). Usage: bash scripts/gpu_benchmark.sh [extra benchmark args]
+# A failing section does not stop the later ones (a short lease should measure what it can); the script
+# names the failed sections at the end and exits 1 if there was any (3: the set-up failed).
 set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -20,6 +22,7 @@ SITE=${SITE:-/tmp/fsaf_site}
 OUT=${OUT:-$ROOT/gpu_out}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
+failed=()
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 
 if ! "$PY" -c "import detectron2" >/dev/null 2>&1; then
@@ -51,7 +54,7 @@ for layout in ${LAYOUTS:-config contiguous}; do
   echo "=== benchmark (memory format: $layout)"
   "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --iters "${ITERS:-30}" \
     --warmup "${WARMUP:-10}" --infer-iters 20 --models $MODELS --rounds "${ROUNDS:-1}" --profile \
-    --memory-format "$layout" --out "$OUT/bench_$layout.json" "$@"
+    --memory-format "$layout" --out "$OUT/bench_$layout.json" "$@" || failed+=("benchmark ($layout)")
 done
 if [ -z "${SKIP_PAIRED:-}" ]; then
   # before/after pairs of the layout and FrozenBN folding, in one process, steps alternating
@@ -59,7 +62,7 @@ if [ -z "${SKIP_PAIRED:-}" ]; then
   "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 20 \
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" \
-    --out "$OUT/bench_paired_changes.json" "$@"
+    --out "$OUT/bench_paired_changes.json" "$@" || failed+=("paired changes")
 fi
 if [ -z "${SKIP_COMPILE:-}" ]; then
   # the compiled static step per mode against the eager steps and RetinaNet, in one process, steps alternating;
@@ -69,7 +72,8 @@ if [ -z "${SKIP_COMPILE:-}" ]; then
   echo "=== paired: FSAF eager (dynamic, static) vs compiled static step per mode vs RetinaNet"
   "$PY" tools/benchmark.py --device "$DEVICE" --batch "$BATCH" --size "$SIZE" --amp "$AMP" --paired \
     --iters "${ITERS:-30}" --warmup "${WARMUP:-10}" --infer-iters 5 \
-    --models fsaf fsaf_static "${compiled[@]}" retinanet --out "$OUT/bench_paired_compile.json" "$@"
+    --models fsaf fsaf_static "${compiled[@]}" retinanet --out "$OUT/bench_paired_compile.json" "$@" \
+    || failed+=("paired compile")
 fi
 if [ -z "${SKIP_INFER:-}" ]; then
   # inference with post-processing loaded like a trained COCO model (5000 pairs above 0.05 per image); FSAF in
@@ -78,7 +82,7 @@ if [ -z "${SKIP_INFER:-}" ]; then
   "$PY" tools/benchmark_inference.py --device "$DEVICE" --batches 1 8 --size "$SIZE" --amp "$AMP" \
     --iters "${INFER_ITERS:-20}" --warmup 5 --candidates 5000 \
     --models fsaf "fsaf+MODEL.FSAF.MEMORY_FORMAT=contiguous" "fsaf+MODEL.FSAF.FOLD_FROZEN_BN=False" retinanet \
-    --out "$OUT/inference.json"
+    --out "$OUT/inference.json" || failed+=("inference")
 fi
 if [ -z "${SKIP_DATA:-}" ]; then
   echo "=== data path (COCO-like 480x640 JPEGs resized to 800x1333, batch $BATCH, delivered to $DEVICE)"
@@ -86,7 +90,7 @@ if [ -z "${SKIP_DATA:-}" ]; then
   case "$DEVICE" in cuda*|npu*) PIN="0 1" ;; esac
   "$PY" -m fsaf_d2.benchmark_data --device "$DEVICE" --images 64 --batch "$BATCH" --workers ${DATA_WORKERS:-0 4 8 12} \
     --backends pil cv2 --pin-memory $PIN --decoders pil torchvision torchvision-cuda --batches "${DATA_BATCHES:-40}" \
-    --out "$OUT/data_loader.json"
+    --out "$OUT/data_loader.json" || failed+=("data path")
 fi
 
 if [ -z "${SKIP_TRAIN:-}" ]; then
@@ -95,15 +99,20 @@ if [ -z "${SKIP_TRAIN:-}" ]; then
   case "$DEVICE" in cpu*) AMP_PRECISION=bfloat16 ;; esac
   echo "=== train_net.py: 1-GPU launch, AMP $AMP_PRECISION, quickstart data"
   export FSAF_D2_DATASETS=/tmp/fsaf_quickstart
-  "$PY" -m fsaf_d2.data.quickstart --if-missing --no-progress --num-train 256 --num-val 32
+  "$PY" -m fsaf_d2.data.quickstart --if-missing --no-progress --num-train 256 --num-val 32 || failed+=("quickstart data")
   "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
     SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION $AMP_PRECISION SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
-    DATALOADER.NUM_WORKERS 4 OUTPUT_DIR "$OUT/train_amp" 2>&1 | tail -40
+    DATALOADER.NUM_WORKERS 4 OUTPUT_DIR "$OUT/train_amp" 2>&1 | tail -40 || failed+=("train_net.py eager")
   echo "=== train_net.py: the same with SOLVER.COMPILE (static shapes: the quickstart's native 128 px)"
   "$PY" train_net.py --num-gpus 1 --config-file configs/quickstart_R18_FPN.yaml MODEL.DEVICE "$DEVICE" \
     SOLVER.AMP.ENABLED True SOLVER.AMP.PRECISION $AMP_PRECISION SOLVER.MAX_ITER 60 SOLVER.STEPS "(50,)" \
     DATALOADER.NUM_WORKERS 4 INPUT.FIXED_SIZES "[[128, 128]]" MODEL.FSAF.MAX_GT 32 \
     SOLVER.COMPILE.ENABLED True SOLVER.COMPILE.MODE "${TRAIN_COMPILE_MODE:-reduce-overhead}" \
-    OUTPUT_DIR "$OUT/train_amp_compiled" 2>&1 | tail -40
+    OUTPUT_DIR "$OUT/train_amp_compiled" 2>&1 | tail -40 || failed+=("train_net.py compiled")
 fi
 ls -la "$OUT"
+if [ ${#failed[@]} -gt 0 ]; then
+  printf 'FAILED sections: %s\n' "$(IFS=,; echo "${failed[*]}")" >&2
+  exit 1
+fi
+echo "all sections passed"

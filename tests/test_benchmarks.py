@@ -1,5 +1,6 @@
 """The benchmark commands of docs/benchmarks.md run end to end on CPU (tiny settings; no timing asserted)."""
 import json
+import os
 import subprocess
 import sys
 
@@ -7,7 +8,7 @@ import pytest
 
 from fsaf_d2.benchmarking import combine_rounds
 from fsaf_d2.data.quickstart import generate_split
-from tools_testing import load_tool, tool_env
+from tools_testing import REPO, load_tool, tool_env
 
 benchmark = load_tool("benchmark")
 
@@ -176,3 +177,20 @@ def test_eval_benchmark_times_both_backends_and_checks_they_agree(tmp_path, caps
             assert len(r["backends"][backend]["runs"]) == 2 and len(r["backends"][backend]["stats"]) == 12
     assert data["results"][1]["source"].startswith("drawn from the ground truth")
     assert data["machine"]["cpu"] and data["versions"]["faster_coco_eval"].startswith("faster-coco-eval ")
+
+
+@pytest.mark.parametrize("benchmark_rc", [0, 1])
+def test_gpu_script_reports_a_failed_section_in_its_exit_code(tmp_path, benchmark_rc):
+    """scripts/gpu_benchmark.sh goes on after a failing section (a short lease measures what it can) but
+    must not end with 0 then: its exit code is how a run's success is judged."""
+    fake = tmp_path / "python"  # the real interpreter, except that tools/benchmark.py exits with benchmark_rc
+    fake.write_text(f'#!/bin/sh\ncase "$1" in tools/benchmark.py) exit {benchmark_rc} ;; esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = tool_env(PY=str(fake), OUT=str(tmp_path / "out"), LAYOUTS="config", SKIP_PAIRED="1", SKIP_COMPILE="1",
+                   SKIP_INFER="1", SKIP_DATA="1", SKIP_TRAIN="1")
+    proc = subprocess.run(["bash", os.path.join(REPO, "scripts", "gpu_benchmark.sh")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    if benchmark_rc:
+        assert proc.returncode == 1 and "FAILED sections: benchmark (config)" in proc.stderr, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 0 and "all sections passed" in proc.stdout, proc.stderr[-2000:]
