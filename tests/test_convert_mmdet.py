@@ -230,6 +230,24 @@ def test_unmapped_key_is_an_error(extra):
         convert_mmdet_state_dict(src)
 
 
+def test_a_retinanet_checkpoint_is_refused_naming_its_anchors():
+    """mmdetection's RetinaNet uses the same head names; its 9 anchors per location must not pass as classes."""
+    src = mmdet_state_dict(18)
+    src["bbox_head.retina_cls.weight"] = torch.zeros(9 * NUM_CLASSES, FPN_CHANNELS, 3, 3)
+    src["bbox_head.retina_cls.bias"] = torch.zeros(9 * NUM_CLASSES)
+    src["bbox_head.retina_reg.weight"] = torch.zeros(36, FPN_CHANNELS, 3, 3)
+    src["bbox_head.retina_reg.bias"] = torch.zeros(36)
+    with pytest.raises(ConversionError, match="retina_reg has 36 output channels: a head with 9 anchors"):
+        convert_mmdet_state_dict(src)
+
+
+@pytest.mark.parametrize("extra", [{"__author__": "mmdet"}, {"iteration": 99, "optimizer": {}}])
+def test_a_detectron2_checkpoint_is_named_as_such(extra):
+    """A converted or fsaf_d2-trained checkpoint (weights under 'model') needs no conversion; say so."""
+    with pytest.raises(ConversionError, match="Detectron2 / fsaf_d2 checkpoint.*loads as MODEL.WEIGHTS as it is"):
+        convert_mmdet_checkpoint({"model": {"head.cls_score.bias": torch.zeros(3)}, **extra})
+
+
 def _run_cli(*args):
     return subprocess.run(
         tool_command("convert_mmdet", *args),
@@ -259,6 +277,16 @@ def test_cli(tmp_path):
     assert proc.returncode != 0
     assert "neck.fpn_convs.0.bn.weight" in proc.stderr and "backbone.layer1.0.conv2.conv_offset.weight" in proc.stderr
     assert not bad_out.exists()
+
+    # a missing file, a truncated file, a web page saved under the name: one line naming the file, no traceback
+    good = inp.read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 2])
+    (tmp_path / "page.pth").write_text("<html><body>proxy login</body></html>")
+    for name, says in [("missing.pth", "no such file"), ("truncated.pth", "not a readable PyTorch checkpoint"),
+                       ("page.pth", "not a readable PyTorch checkpoint")]:
+        proc = _run_cli(str(tmp_path / name), str(bad_out))
+        assert proc.returncode == 1 and f"{tmp_path / name}" in proc.stderr and says in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and not bad_out.exists()
 
 
 # ---------------------------------------------------------------------------------------------- torchvision

@@ -85,6 +85,29 @@ def test_offline_download_error_names_the_url_the_cache_file_and_the_converter(t
     assert os.listdir(tmp_path) == []  # nothing half-written
 
 
+def test_downloads_are_checked_against_the_hash_in_the_release_name(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSAF_D2_CACHE", str(tmp_path))
+    calls = []
+
+    def proxy_page(url, dst, hash_prefix=None, **kwargs):
+        calls.append(hash_prefix)
+        raise RuntimeError(f'invalid hash value (expected "{hash_prefix}", got "3c5a9f01...")')
+
+    monkeypatch.setattr(zoo_module, "download_url_to_file", proxy_page)
+    with pytest.raises(model_zoo.TrainedWeightsUnavailable, match="invalid hash value"):
+        model_zoo.trained_checkpoint("fsaf_R50_FPN_1x.yaml")
+    assert calls == ["94ccc51f"] and os.listdir(tmp_path) == []
+
+
+def test_an_unreadable_cached_release_names_the_file_to_delete(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSAF_D2_CACHE", str(tmp_path))
+    cached = tmp_path / "fsaf_r50_fpn_1x_coco-94ccc51f.pth"
+    cached.write_text("<html>proxy</html>")
+    with pytest.raises(model_zoo.TrainedWeightsUnavailable) as info:
+        model_zoo.trained_checkpoint("fsaf_R50_FPN_1x.yaml")
+    assert f"Delete {cached}" in str(info.value) and "not a readable PyTorch checkpoint" in str(info.value)
+
+
 def test_released_weights_are_converted_once_and_loaded(tmp_path, monkeypatch):
     """An mmdetection R-50 checkpoint (synthetic, the released file's keys and shapes) put in the cache by hand:
     get(trained=True) converts it once and both the YAML and the LazyConfig model load it."""

@@ -10,6 +10,7 @@ kept there as ``<name>_fsaf_d2.pth``.
 """
 import logging
 import os
+import re
 from typing import List, Optional
 from urllib.error import URLError
 
@@ -118,7 +119,7 @@ def trained_checkpoint(config_path: str) -> str:
     URL and both ways forward, when it can be neither found nor downloaded.
     """
     from ..utils.io import atomic_torch_save
-    from ..weights.mmdet import convert_mmdet_checkpoint, load_checkpoint_file
+    from ..weights.mmdet import ConversionError, convert_mmdet_checkpoint, load_checkpoint_file
 
     url = get_checkpoint_url(config_path)
     cache = _cache_dir()
@@ -129,16 +130,25 @@ def trained_checkpoint(config_path: str) -> str:
     if not os.path.isfile(source):
         os.makedirs(cache, exist_ok=True)
         logger.info(f"Downloading {url} to {source}")
+        # the 8 hex digits of a release's name are its sha256 prefix: a proxy's page or a truncated file fails
+        # the check, and nothing is left behind (the download goes through a temporary file)
+        sha256_prefix = re.search(r"-([0-9a-f]{8})\.pth$", url)
         try:
-            download_url_to_file(url, source)  # through a temporary file: no partial file is left behind
-        except (URLError, OSError, ValueError) as e:
+            download_url_to_file(url, source, hash_prefix=sha256_prefix.group(1) if sha256_prefix else None)
+        except (URLError, OSError, ValueError, RuntimeError) as e:
             raise TrainedWeightsUnavailable(
                 f"Cannot download the released weights of {config_path} from {url} ({type(e).__name__}: {e}). "
                 f"Download that file elsewhere and either put it at {source} (fsaf_d2 converts it on first use), "
                 f"or convert it yourself: fsaf-convert-mmdet {os.path.basename(url)} model.pth, then load "
                 "model.pth (MODEL.WEIGHTS, or train.init_checkpoint of a LazyConfig)."
             ) from e
-    out, _ = convert_mmdet_checkpoint(load_checkpoint_file(source))
+    try:
+        out, _ = convert_mmdet_checkpoint(load_checkpoint_file(source))
+    except ConversionError as e:
+        raise TrainedWeightsUnavailable(
+            f"The released weights of {config_path} at {source} cannot be used: {e}\nDelete {source}; fsaf_d2 "
+            "then downloads it again (or put a good copy there)."
+        ) from e
     atomic_torch_save(out, converted)
     logger.info(f"Converted {source} to {converted}")
     return converted

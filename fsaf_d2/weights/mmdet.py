@@ -30,6 +30,8 @@ Mapping (docs/algorithm.md#mmdetection-checkpoint-names)::
 Any other key is a :class:`~fsaf_d2.weights.errors.ConversionError` naming the keys.
 """
 import collections
+import os
+import pickle
 import re
 import sys
 
@@ -59,16 +61,35 @@ _DEPTHS = {
 
 # ---------------------------------------------------------------------------------------------- I/O
 def load_checkpoint_file(path):
-    """``torch.load`` on CPU; first with ``weights_only=True``, then (trusted files) without."""
+    """``torch.load`` on CPU; first with ``weights_only=True``, then, if its restricted unpickler refuses the
+    file (objects beyond tensors and plain containers: trusted files only), without.
+
+    Raises :class:`ConversionError` naming the file when it is missing or not a readable checkpoint.
+    """
+    if not os.path.isfile(path):
+        raise ConversionError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling restriction
-        print(
-            f"note: {path} is not loadable with weights_only=True ({type(e).__name__}); "
-            "loading it with weights_only=False (only do this for files you trust)",
-            file=sys.stderr,
-        )
+    except pickle.UnpicklingError:
+        pass  # a global the weights-only unpickler does not allow (or no pickle at all: the retry says which)
+    except Exception as e:  # noqa: BLE001 - a truncated zip, an empty file, ...
+        raise _unreadable(path, e) from e
+    print(
+        f"note: {path} is not loadable with weights_only=True; loading it with weights_only=False "
+        "(only do this for files you trust)",
+        file=sys.stderr,
+    )
+    try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path, error) -> ConversionError:
+    return ConversionError(
+        f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}: {error}). A truncated "
+        "download, or a web page saved under its name? Fetch the file again."
+    )
 
 
 def extract_state_dict(ckpt):
@@ -79,10 +100,11 @@ def extract_state_dict(ckpt):
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], collections.abc.Mapping):
         meta = ckpt.get("meta") or {}
         sd = ckpt["state_dict"]
-    elif "model" in ckpt and isinstance(ckpt["model"], collections.abc.Mapping) and "__author__" in ckpt:
+    elif "model" in ckpt and isinstance(ckpt["model"], collections.abc.Mapping):
+        author = f" (__author__={ckpt['__author__']!r})" if "__author__" in ckpt else ""
         raise ConversionError(
-            "INPUT looks like an already converted Detectron2 checkpoint "
-            f"(__author__={ckpt['__author__']!r}); nothing to convert"
+            f"INPUT looks like a Detectron2 / fsaf_d2 checkpoint{author}: its weights are under 'model', where "
+            "mmdetection keeps them under 'state_dict'. It loads as MODEL.WEIGHTS as it is; nothing to convert"
         )
     else:
         sd = ckpt
@@ -260,6 +282,12 @@ def convert_mmdet_state_dict(state_dict, verbose=False):
             continue
         unmapped.append(k)
 
+    reg = new_sd.get("head.bbox_pred.weight")
+    if reg is not None and reg.shape[0] != 4:
+        problems.append(
+            f"bbox_head.retina_reg has {reg.shape[0]} output channels: a head with {reg.shape[0] // 4} anchors per "
+            "location (RetinaNet's), not FSAF's 4 distances. This converter reads mmdetection FSAF checkpoints."
+        )
     if unmapped or problems:
         lines = []
         if unmapped:
