@@ -18,7 +18,7 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+  if [ -x "${VENV:-.venv}/bin/python" ]; then PYTHON="${VENV:-.venv}/bin/python"; else PYTHON=python3; fi
 fi
 if [ -n "${ASCEND_SET_ENV:-}" ]; then
   # shellcheck disable=SC1090

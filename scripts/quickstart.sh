@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # tools/*.py import this checkout's fsaf_d2
-PY=.venv/bin/python
+PY="${VENV:-$ROOT/.venv}/bin/python"  # the environment setup_env.sh made (VENV)
 CONFIG=configs/quickstart_R18_FPN.yaml
 OUT="${OUTPUT_DIR:-output/quickstart}"   # OUTPUT_DIR=... bash scripts/quickstart.sh writes elsewhere
 "$PY" -m fsaf_d2.data.quickstart --if-missing

@@ -6,4 +6,4 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup_env.sh
 # pytest exits 5 when it collects no test: that is a failure here, like any other non-zero code
-exec .venv/bin/python -m pytest "$@"
+exec "${VENV:-$ROOT/.venv}/bin/python" -m pytest "$@"  # the environment setup_env.sh made (VENV)

@@ -19,7 +19,7 @@
 #   LAUNCHER [spawn]        spawn (train_net.py --num-gpus N) or torchrun
 #   NNODES [1] NODE_RANK [0] MASTER_ADDR MASTER_PORT [29500]   multi-machine jobs
 #   ASCEND_SET_ENV          path of CANN's set_env.sh to source first (npu)
-#   PYTHON [.venv/bin/python if present, else python3]
+#   PYTHON [$VENV/bin/python (VENV default .venv) if present, else python3]
 set -euo pipefail
 # shellcheck source=scripts/_launch_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_launch_common.sh"
