@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from fsaf_d2.engine import build_config
 from helpers import REPO_ROOT, write_coco_2017, write_tiny_coco
 
 pytestmark = pytest.mark.slow
@@ -25,7 +26,7 @@ TIMEOUT = 300
 def test_modelzoo_layout_through_the_modelzoo_script(tmp_path):
     coco = write_coco_2017(str(tmp_path / "data" / "COCO"), "images/{split}", num_train=4, num_val=3)
     out = tmp_path / "out"
-    env = dict(os.environ, DEVICE="cpu", NUM_DEVICES="1", BATCH_PER_DEVICE="1", DATA_PATH=coco, OUTPUT_DIR=str(out),
+    env = dict(os.environ, DEVICE="cpu", NUM_DEVICES="1", BATCH_PER_DEVICE="4", DATA_PATH=coco, OUTPUT_DIR=str(out),
                CONFIG="configs/quickstart_R18_FPN.yaml", PYTHON=sys.executable, OMP_NUM_THREADS="1",
                PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -41,7 +42,12 @@ def test_modelzoo_layout_through_the_modelzoo_script(tmp_path):
     assert f"Ascend ModelZoo layout, {coco}/annotations/instances_train2017.json + {coco}/images/train2017" in log
     assert "Inference on coco_2017_val: 3 images" in log
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
-    assert max(m["iteration"] for m in metrics if "total_loss" in m) == 7  # 1 iteration x 8 / 1 device
+    # the config's schedule (16 images per step) rescaled linearly to 1 device x 4 images: 4x the iterations
+    # at a quarter of the learning rate
+    steps = [m for m in metrics if "total_loss" in m]
+    assert max(m["iteration"] for m in steps) == 3
+    base_lr = build_config(os.path.join(REPO_ROOT, "configs", "quickstart_R18_FPN.yaml")).SOLVER.BASE_LR
+    assert all(abs(m["lr"] - base_lr / 4) < 1e-12 for m in steps), [m["lr"] for m in steps]
     assert any("bbox/AP" in m for m in metrics)
     assert "bbox AP" in proc.stdout  # the script's closing summary
 
