@@ -194,3 +194,12 @@ def test_gpu_script_reports_a_failed_section_in_its_exit_code(tmp_path, benchmar
         assert proc.returncode == 1 and "FAILED sections: benchmark (config)" in proc.stderr, proc.stderr[-2000:]
     else:
         assert proc.returncode == 0 and "all sections passed" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("spec", ["fsfa", "fcos", "fsaf+MODEL.FSAF.MEMORY_FORMAT"])
+def test_inference_benchmark_refuses_models_it_would_mislabel(spec, capsys):
+    """Any name but retinanet used to build FSAF: a typo measured FSAF under another label."""
+    benchmark_inference = load_tool("benchmark_inference")
+    with pytest.raises(SystemExit):
+        benchmark_inference.parse_args(["--models", spec, "retinanet"])
+    assert "--models" in capsys.readouterr().err

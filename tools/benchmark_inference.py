@@ -35,18 +35,28 @@ from fsaf_d2.benchmarking import machine_description, make_infer_call, synthetic
 from fsaf_d2.model_zoo import get_config_file
 
 try:  # python tools/benchmark_inference.py: tools/ is on sys.path
+    from benchmark import _model_spec as benchmark_model_spec
     from benchmark import build_model
 except ImportError:  # the installed fsaf_d2.tools
+    from fsaf_d2.tools.benchmark import _model_spec as benchmark_model_spec
     from fsaf_d2.tools.benchmark import build_model
 
 MODELS = ("fsaf", "retinanet")
+
+
+def _model_spec(spec: str) -> str:
+    """A tools/benchmark.py model spec whose model this tool times (a typo would otherwise build FSAF)."""
+    if spec.split("+")[0] not in MODELS:
+        raise argparse.ArgumentTypeError(f"unknown model {spec.split('+')[0]!r}; choose from {list(MODELS)}")
+    return benchmark_model_spec(spec)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--config-file", default=get_config_file("fsaf_R50_FPN_1x.yaml"))
-    p.add_argument("--models", nargs="+", default=list(MODELS), help="model specs, as in tools/benchmark.py")
+    p.add_argument("--models", nargs="+", default=list(MODELS), type=_model_spec,
+                   help="model specs, as in tools/benchmark.py: fsaf or retinanet, with +KEY=VALUE overrides")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4], help="images per inference call")
     p.add_argument("--size", default="512x768", help="HxW of every image")
     p.add_argument("--depth", type=int, default=50)
