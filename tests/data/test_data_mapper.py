@@ -124,10 +124,10 @@ def test_crowd_boxes_kept_and_flagged_with_crowd_as_ignore(small_quickstart):
     assert inst.gt_classes.tolist() == [0, 1, 2]
     sy, sx = (out["image"].shape[1] / record["height"], out["image"].shape[2] / record["width"])
     torch.testing.assert_close(inst.gt_boxes.tensor[1], torch.tensor([60 * sx, 20 * sy, 90 * sx, 70 * sy]))
-    # empty boxes are filtered together with their flag
-    record["annotations"].append(dict(record["annotations"][1], bbox=[30, 30, 30, 60]))
+    # empty boxes are filtered together with their flag: a zero-width non-crowd box before the crowd box
+    record["annotations"].insert(1, dict(record["annotations"][0], bbox=[30, 30, 30, 60], category_id=3))
     inst = FSAFDatasetMapper(cfg, True)(record)["instances"]
-    assert len(inst) == 3 and len(inst.gt_is_crowd) == 3
+    assert inst.gt_classes.tolist() == [0, 1, 2] and inst.gt_is_crowd.tolist() == [False, True, False]
     # test-time mapping never produces instances
     assert "instances" not in FSAFDatasetMapper(cfg, False)(record)
 

@@ -119,7 +119,8 @@ def test_npu_runtime_knobs_applied_from_config(fake_npu, monkeypatch):
     cfg.NPU.JIT_COMPILE = False
     cfg.NPU.ALLOW_HF32 = False
     cfg.NPU.ENV = ["TASK_QUEUE_ENABLE=2", "HCCL_CONNECT_TIMEOUT=1200"]
-    monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "")  # recorded, so that the value the code sets is undone after
+    monkeypatch.delenv("TASK_QUEUE_ENABLE")
     monkeypatch.setenv("HCCL_CONNECT_TIMEOUT", "77")  # set by the user: must win over the config default
     D.apply_device_runtime(cfg)
     assert os.environ["TASK_QUEUE_ENABLE"] == "2"
@@ -155,7 +156,8 @@ def test_pre_launch_sets_npu_env_before_any_torch_npu_import(monkeypatch, torch_
 
     from fsaf_d2.engine import pre_launch
 
-    monkeypatch.delenv("TASK_QUEUE_ENABLE", raising=False)
+    monkeypatch.setenv("TASK_QUEUE_ENABLE", "")  # recorded, so that the value the code sets is undone after
+    monkeypatch.delenv("TASK_QUEUE_ENABLE")
     args = argparse.Namespace(config_file="", opts=["MODEL.DEVICE", "npu:0", "NPU.ENV", "['TASK_QUEUE_ENABLE=2']"])
     assert pre_launch(args) == "npu:0"
     assert os.environ["TASK_QUEUE_ENABLE"] == "2"  # inherited by the workers launch() spawns

@@ -1,5 +1,6 @@
 """Resume: interrupted + ``--resume`` ends with the weights of an uninterrupted run; scaler state restored."""
 import os
+import signal
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from detectron2.engine import HookBase
 
 import engine_testutils as U
 from fsaf_d2.engine import Trainer
+from fsaf_d2.engine.faults import Preempted
 
 
 class _Crash(HookBase):
@@ -18,6 +20,25 @@ class _Crash(HookBase):
     def before_step(self):
         if self.trainer.iter == self.at:
             raise RuntimeError("simulated crash")
+
+
+class _SignalAt(HookBase):
+    """The scheduler's preemption: SIGTERM to this process at the start of iteration ``at``."""
+
+    def __init__(self, at):
+        self.at = at
+
+    def before_step(self):
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _signalled_trainer(at):
+    class SignalledTrainer(Trainer):
+        def build_hooks(self):
+            return super().build_hooks() + [_SignalAt(at)]
+
+    return SignalledTrainer
 
 
 def _crashing_trainer(at):
@@ -70,6 +91,33 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, dataset8):
     full = _uninterrupted(U.tiny_cfg(str(tmp_path / "full"), dataset8, **common))
     resumed = _interrupted_then_resumed(U.tiny_cfg(str(tmp_path / "resumed"), dataset8, **common), crash_at=2)
     assert _same(full, resumed)
+
+
+def test_resume_inside_a_data_segment_skips_its_used_batches(tmp_path, dataset8):
+    """A preemption saves an iteration inside a data segment (period 2: iteration 2, the first of segment 2..3).
+    The resumed run rebuilds that segment's stream, skips the batch iteration 2 used, and ends with the
+    uninterrupted run's weights."""
+    common = dict(SEED=7, SOLVER__MAX_ITER=6, SOLVER__CHECKPOINT_PERIOD=2, SOLVER__BASE_LR=0.02,
+                  SOLVER__MOMENTUM=0.9, INPUT__RANDOM_FLIP="horizontal")
+    full = _uninterrupted(U.tiny_cfg(str(tmp_path / "full"), dataset8, **common))
+    cfg = U.tiny_cfg(str(tmp_path / "resumed"), dataset8, **common)
+    with pytest.raises(Preempted) as stopped:
+        U.make_trainer(cfg, trainer_cls=_signalled_trainer(2)).train()
+    assert stopped.value.iteration == 2
+    resumed = U.make_trainer(cfg, resume=True)
+    assert resumed.start_iter == 3
+    resumed.train()
+    assert _same(full, U.model_state(resumed))
+
+
+def test_a_signal_during_the_last_iteration_lets_training_finish(tmp_path, dataset8, caplog):
+    cfg = U.tiny_cfg(str(tmp_path / "out"), dataset8, SEED=7, SOLVER__MAX_ITER=3, SOLVER__CHECKPOINT_PERIOD=100)
+    trainer = U.make_trainer(cfg, trainer_cls=_signalled_trainer(2))
+    with caplog.at_level("WARNING", logger="fsaf_d2.engine.hooks"):
+        trainer.train()  # no Preempted
+    assert "Preemption signal during the last iteration: finishing training normally" in caplog.text
+    assert "model_final.pth" in os.listdir(cfg.OUTPUT_DIR)
+    assert open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")).read() == "model_final.pth"
 
 
 def test_without_deterministic_stream_resume_diverges(tmp_path, dataset8):

@@ -120,3 +120,33 @@ def test_train_net_under_torchrun_environment(tmp_path, coco_root):
     for rc, output in results:
         assert rc == 0, output[-6000:]
     _check_run(out, 2)
+
+
+def test_eval_only_evaluates_the_given_weights_without_training(tmp_path, coco_root):
+    """``train_net.py --eval-only MODEL.WEIGHTS ckpt`` (here in 2 processes): COCOEvaluator's table for the
+    weights given, the same detections as the training run's own final evaluation, and no training."""
+    out = str(tmp_path / "out")
+    env = U.subprocess_env(DETECTRON2_DATASETS=coco_root)
+    config = _config(tmp_path, out)
+    train = [sys.executable, U.TRAIN_NET, "--config-file", config, "MODEL.DEVICE", "cpu"]
+    [(rc, output)] = _run([subprocess.Popen(train, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)])
+    assert rc == 0, output[-6000:]
+    evaluated = str(tmp_path / "eval")
+    cmd = [sys.executable, U.TRAIN_NET, "--eval-only", "--num-gpus", "2", "--dist-url", "auto", "--config-file",
+           config, "MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", os.path.join(out, "model_final.pth"),
+           "OUTPUT_DIR", evaluated]
+    [(rc, output)] = _run([subprocess.Popen(cmd, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                                            stderr=subprocess.STDOUT, text=True)])
+    assert rc == 0, output[-6000:]
+    assert "Inference on coco_2017_val: 4 images in " in output and "Evaluation results for bbox" in output
+    assert "Starting training" not in output
+    assert not [f for f in os.listdir(evaluated) if f.endswith(".pth")]
+
+    def detections(folder):
+        dets = json.load(open(os.path.join(folder, "inference", "coco_instances_results.json")))
+        return sorted((d["image_id"], d["category_id"], d["score"]) for d in dets)
+
+    trained, again = detections(out), detections(evaluated)  # the trained weights, not the initialisation
+    assert trained and len(again) == len(trained)
+    assert all(a[:2] == b[:2] and abs(a[2] - b[2]) <= 1e-4 for a, b in zip(trained, again))

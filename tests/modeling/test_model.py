@@ -160,8 +160,22 @@ def test_fixed_size_choice():
 
 
 def test_ema_normalizer_option(batch):
+    """LOSS_NORMALIZER ema: the losses are divided by Detectron2 RetinaNet's EMA (momentum 0.9, from 100) of
+    max(num_pos, 1) instead of max(num_pos, 1) itself."""
     model = build(**{"MODEL.FSAF.LOSS_NORMALIZER": "ema"})
+    exact = build()  # the same weights (same seed)
     model.train()
+    exact.train()
+    seen = []
+    ema_normalizer = model._ema_normalizer
+    model._ema_normalizer = lambda num_pos, num_neg: seen.append(float(num_pos)) or ema_normalizer(num_pos, num_neg)
     losses = model(batch)
-    assert torch.isfinite(losses["loss_fsaf_cls"])
-    assert model.loss_normalizer_ema.item() < 100  # moved towards the small positive count
+    num_pos = max(seen[0], 1.0)
+    assert seen[0] > 0
+    expected = 0.9 * 100.0 + 0.1 * num_pos
+    assert model.loss_normalizer_ema.item() == pytest.approx(expected, rel=1e-6)
+    reference = exact(batch)
+    for k in ("loss_fsaf_cls", "loss_fsaf_reg"):
+        assert losses[k].item() * expected == pytest.approx(reference[k].item() * num_pos, rel=1e-4), k
+    model(batch)  # the average goes on from there
+    assert model.loss_normalizer_ema.item() == pytest.approx(0.9 * expected + 0.1 * max(seen[1], 1.0), rel=1e-6)

@@ -444,8 +444,9 @@ def test_inputs_match(results, name):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_head_outputs(results, name):
+def test_fpn_features_and_head_outputs(results, name):
     r = results[name]
+    assert r["FPN features max abs diff"] <= HEAD_ATOL, r
     assert r["cls logits max abs diff"] <= HEAD_ATOL, r
     assert r["reg (after ReLU) max abs diff"] <= HEAD_ATOL, r
 
