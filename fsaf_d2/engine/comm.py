@@ -302,22 +302,27 @@ class PeerWatchdog:
         stops with an error): peers end at once, as for a lost rank, instead of waiting in a collective for a
         rank that has left."""
         self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            # first: a beat it is writing must not land after the mark (a store round trip may take a while)
+            self._thread.join(timeout=self.interval * 2 + 2.0)
         try:
             self.store.set(_heartbeat_key(self.rank), _FAILED if failed else _DONE)
         except Exception:  # the store's host may already be gone at teardown
             pass
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=self.interval * 2)
 
     def _run(self) -> None:
         peers = [r for r in range(self.world_size) if r != self.rank]
         seen: Dict[int, tuple] = {r: (None, time.monotonic()) for r in peers}
         beat = 0
+        woke = time.monotonic()
         while not self._stop.wait(self.interval):
             try:
                 beat += 1
                 self.store.set(_heartbeat_key(self.rank), str(beat))
                 now = time.monotonic()
+                # this thread itself was held up (the GIL held by a long parse, the process stopped): the
+                # peers' silence over that time says nothing, their clocks start again
+                stalled, woke = now - woke > 3 * self.interval + 1.0, now
                 for r in list(seen):
                     key = _heartbeat_key(r)
                     value = self.store.get(key) if self.store.check([key]) else None
@@ -326,7 +331,7 @@ class PeerWatchdog:
                     elif value == _FAILED:
                         self._lost(f"rank {r} stopped with an error (its log names it)")
                         return
-                    elif value != seen[r][0]:
+                    elif value != seen[r][0] or stalled:
                         seen[r] = (value, now)
                     elif now - seen[r][1] > self.timeout_s:
                         self._lost(f"rank {r} has not answered for {now - seen[r][1]:.0f} s (killed, frozen or "

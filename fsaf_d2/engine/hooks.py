@@ -21,12 +21,13 @@ from typing import Callable, List, Optional
 
 import numpy as np
 from detectron2.engine import HookBase
+from detectron2.engine.hooks import EvalHook
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter, get_event_storage
 
 from ..utils.io import atomic_write_bytes
-from .comm import any_rank
+from .comm import any_rank, stop_peer_watchdog
 from .device import manual_seed_all, max_memory_allocated, synchronize
 from .faults import EXIT_PREEMPTED, PREEMPTION_SIGNALS, Preempted
 
@@ -36,6 +37,7 @@ __all__ = [
     "DeviceMetricPrinter",
     "DeterministicDataStream",
     "PreemptionHook",
+    "FinishedRunEvalHook",
     "segment_seed",
 ]
 
@@ -195,6 +197,29 @@ def segment_seed(seed: int, segment: int) -> int:
     return int(np.random.SeedSequence([int(seed), int(segment)]).generate_state(1)[0] % (2**31 - 1024))
 
 
+class FinishedRunEvalHook(EvalHook):
+    """Detectron2's ``EvalHook`` whose final evaluation runs only after a finished run.
+
+    Detectron2 evaluates in ``after_train`` when ``iter + 1 >= max_iter``. That also holds when the last
+    iteration raised (``TrainerBase.train`` leaves ``iter`` at ``max_iter - 1`` then, at ``max_iter`` after
+    success): the failed rank would run a whole evaluation before its error is reported, and in a
+    multi-process job enter the evaluation's collectives while its peers are still in the failed step's.
+    """
+
+    def after_train(self):
+        if self.trainer.iter >= self.trainer.max_iter:
+            super().after_train()
+        else:
+            del self._func  # as Detectron2 does: the closure holds the trainer
+
+    @classmethod
+    def replacing(cls, hooks: list) -> list:
+        """``hooks`` with every Detectron2 ``EvalHook`` replaced by one of this class (same period and function)."""
+        return [
+            cls(h._period, h._func, h._eval_after_train) if type(h) is EvalHook else h for h in hooks
+        ]
+
+
 class DeterministicDataStream(HookBase):
     """Make the training data stream a function of ``(SEED, iteration)``, so resuming is exact.
 
@@ -315,6 +340,8 @@ class PreemptionHook(HookBase):
             if not tagged:  # the periodic checkpointer may have saved this very iteration already
                 self.checkpointer.save(name, iteration=iteration)
         comm.synchronize()
+        # every rank has saved and stops here: one leaving first (rank 0 hosts the store) is not a lost peer
+        stop_peer_watchdog()
         why = signal.Signals(self._received).name if self._received else "a preemption signal on another rank"
         logger.warning(
             f"Preempted ({why}): stopped after iteration {iteration}, saved {path}; exiting with code "

@@ -44,7 +44,7 @@ from .device import (
     resolve_device,
 )
 from .evaluation import resolve_coco_eval_backend
-from .hooks import PreemptionHook, ThroughputHook, training_writers
+from .hooks import FinishedRunEvalHook, PreemptionHook, ThroughputHook, training_writers
 from .inference_timing import inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 from .worker_shield import shield_loader_workers
@@ -251,7 +251,7 @@ def do_train(cfg, resume: bool = False):
             d2_hooks.PeriodicCheckpointer(checkpointer, max_iter=cfg.train.max_iter, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            d2_hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            FinishedRunEvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
             d2_hooks.PeriodicWriter(
                 training_writers(cfg.train.output_dir, cfg.train.max_iter, device_type), period=cfg.train.log_period
             )

@@ -52,7 +52,13 @@ from .device import (
 )
 from .ema import ModelEMAHook, build_model_ema
 from .evaluation import BackendCOCOEvaluator, resolve_coco_eval_backend
-from .hooks import DeterministicDataStream, PreemptionHook, ThroughputHook, training_writers
+from .hooks import (
+    DeterministicDataStream,
+    FinishedRunEvalHook,
+    PreemptionHook,
+    ThroughputHook,
+    training_writers,
+)
 from .inference_timing import TimedEvaluator, inference_callbacks
 from .train_loop import DeviceTrainer, build_grad_scaler, check_amp_support, parse_precision
 from .worker_shield import shield_loader_workers
@@ -316,7 +322,7 @@ class Trainer(DefaultTrainer):
     def build_hooks(self):
         """Detectron2's default hooks plus throughput and (with ``SEED >= 0``) the deterministic data stream."""
         cfg = self.cfg
-        ret = super().build_hooks()
+        ret = FinishedRunEvalHook.replacing(super().build_hooks())
         throughput = ThroughputHook(
             total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
             num_devices=comm.get_world_size(),

@@ -1,6 +1,7 @@
 """Launch + collectives: 2 CPU/gloo workers, and 2 workers on a fake NPU whose "hccl" has no gather."""
 import json
 import os
+import threading
 import time
 
 import pytest
@@ -151,3 +152,60 @@ def test_peer_watchdog_ends_the_peers_of_a_rank_that_failed(monkeypatch, failed)
         assert lost == [(0, "rank 1 stopped with an error (its log names it)")]
     else:
         assert lost == []
+
+
+class _SlowStore:
+    """A HashStore whose writes of heartbeat counters take ``delay`` seconds (only those of the counter
+    values ``only``, if given)."""
+
+    def __init__(self, delay, only=None):
+        from torch.distributed import HashStore
+
+        self.store, self.delay, self.only = HashStore(), delay, only
+        self.writing = threading.Event()
+        self.stall_ended = None
+
+    def set(self, key, value):
+        if str(value).isdigit() and (self.only is None or str(value) in self.only):
+            self.writing.set()
+            time.sleep(self.delay)
+            self.stall_ended = time.monotonic()
+        self.store.set(key, value)
+
+    def get(self, key):
+        return self.store.get(key)
+
+    def check(self, keys):
+        return self.store.check(keys)
+
+
+def test_peer_watchdog_final_mark_is_not_overwritten_by_a_beat_in_flight():
+    from fsaf_d2.engine.comm import PeerWatchdog
+
+    store = _SlowStore(delay=0.5, only={"1"})  # the thread's first beat
+    watchdog = PeerWatchdog(store, 0, 2, timeout_s=60)
+    watchdog.interval = 0.05
+    watchdog.start()
+    assert store.writing.wait(10)  # a beat is being written now
+    watchdog.stop(failed=True)
+    watchdog._thread.join(10)  # whatever it was writing has landed
+    assert store.get("fsaf_d2/heartbeat/0") == b"failed"
+
+
+def test_peer_watchdog_held_up_itself_does_not_blame_its_peers(monkeypatch):
+    """While this rank's watchdog thread could not run (here: a 4 s store write; in practice the GIL held by
+    a long JSON parse), it saw nothing of its peers: their silence counts from when it runs again."""
+    from fsaf_d2.engine.comm import PeerWatchdog
+
+    store = _SlowStore(delay=4.0, only={"2"})  # the second beat, after the peer was seen at the first
+    store.store.set("fsaf_d2/heartbeat/1", "7")  # a peer that never beats again
+    lost = []
+    monkeypatch.setattr(PeerWatchdog, "_lost", lambda self, why: lost.append(time.monotonic()))
+    watchdog = PeerWatchdog(store, 0, 2, timeout_s=3).start()  # checks every 0.3 s
+    deadline = time.monotonic() + 20
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    watchdog.stop()
+    assert lost, "a silent peer must still be declared lost"
+    # a full timeout of silence after the stall, not at once (the stall alone exceeds the timeout)
+    assert lost[0] - store.stall_ended >= 2.0

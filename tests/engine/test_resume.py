@@ -149,3 +149,18 @@ def test_resume_restores_grad_scaler_state(tmp_path, tiny_dataset):
     resumed = U.make_trainer(cfg3, resume=True, trainer_cls=ScaledTrainer)
     assert resumed.start_iter == 2
     assert resumed._trainer.grad_scaler.get_scale() == 32.0  # restored, not the initial 8.0
+
+
+def test_a_run_that_fails_in_its_last_iteration_is_not_evaluated(tmp_path, dataset8, monkeypatch):
+    """Detectron2's EvalHook would evaluate after an error in the last iteration (it checks iter + 1 >=
+    max_iter): minutes of COCO evaluation before the error shows, and in a multi-process job collectives that
+    the peers, still in the failed step, never join. A finished run is evaluated once at the end."""
+    evaluations = []
+    monkeypatch.setattr(Trainer, "test", classmethod(lambda cls, cfg, model, evaluators=None: evaluations.append(1)
+                                                     or {}))
+    cfg = U.tiny_cfg(str(tmp_path / "failed"), dataset8, dataset8, SEED=7, SOLVER__MAX_ITER=3, TEST__EVAL_PERIOD=0)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        U.make_trainer(cfg, trainer_cls=_crashing_trainer(2)).train()
+    assert evaluations == []
+    U.make_trainer(cfg.clone(), resume=True).train()  # the same run resumed to its end
+    assert evaluations == [1]
