@@ -20,10 +20,14 @@ Faults (docs/devices.md#faults): a spawning launcher waits for its workers and, 
 others :data:`WORKER_EXIT_GRACE_S` to stop, ends them (SIGTERM, then SIGKILL), and raises
 :class:`~fsaf_d2.engine.faults.WorkerLostError` naming the rank and how it ended. It forwards SIGTERM and
 SIGUSR1 (preemption, :data:`~fsaf_d2.engine.faults.PREEMPTION_SIGNALS`) to the workers and exits with
-:data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED` when all of them stopped for it.
+:data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED` when all of them stopped for it: with exit code 75, or killed
+by the forwarded signal itself (one that came before training started or after it ended, when there is
+nothing to save). Once one worker has stopped for preemption, the others get
+:data:`PREEMPTED_EXIT_GRACE_S` to finish theirs.
 """
 import contextlib
 import logging
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -41,12 +45,22 @@ from .device import DeviceError, check_device_available, dist_backend, parse_dev
 from .comm import release_process_groups
 from .faults import EXIT_PREEMPTED, EXIT_WORKER_LOST, PREEMPTION_SIGNALS, WorkerLostError
 
-__all__ = ["DEFAULT_TIMEOUT", "WORKER_EXIT_GRACE_S", "launch", "torchrun_env", "init_distributed"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "WORKER_EXIT_GRACE_S",
+    "PREEMPTED_EXIT_GRACE_S",
+    "launch",
+    "torchrun_env",
+    "init_distributed",
+]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 #: seconds the other workers get to stop by themselves after one failed (then SIGTERM, and as long again
 #: before SIGKILL)
 WORKER_EXIT_GRACE_S = 10.0
+#: seconds the other workers get after one stopped for preemption (they have agreed on the same iteration
+#: and are tearing down; the scheduler's own kill deadline bounds the wait anyway)
+PREEMPTED_EXIT_GRACE_S = 120.0
 
 logger = logging.getLogger(__name__)
 
@@ -149,20 +163,47 @@ def _worker(
     )
 
 
+@contextlib.contextmanager
+def _preemption_outside_training_exits_75():
+    """While active (main thread only): a preemption signal ends this process at once with
+    :data:`~fsaf_d2.engine.faults.EXIT_PREEMPTED` instead of its default action (143, 138).
+
+    Training installs its own handlers (save the current iteration, then exit 75) and gives these back
+    when it ends; before it starts and after it ends there is nothing to save, and the exit code is what
+    tells a scheduler script to requeue. Signals that already have a handler are left alone.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        logger.warning(f"{signal.Signals(signum).name} outside training (nothing to save): exiting with code "
+                       f"{EXIT_PREEMPTED}; rerun with --resume")
+        raise SystemExit(EXIT_PREEMPTED)
+
+    previous = {s: signal.signal(s, stop) for s in PREEMPTION_SIGNALS if signal.getsignal(s) == signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _run_in_process_group(main_func: Callable, args: tuple, device_type: str, **init_kwargs):
     """``init_distributed(device_type, **init_kwargs)``, run ``main_func(*args)``, destroy the group."""
-    init_distributed(device_type, **init_kwargs)
-    try:
-        result = main_func(*args)
-    except BaseException as e:
-        # no barrier: the other ranks may never reach it. An error (not a clean exit, nor a preemption, which
-        # every rank takes at the same iteration) ends the peers through the watchdog at once
-        release_process_groups(failed=not (isinstance(e, SystemExit) and e.code in (None, 0, EXIT_PREEMPTED)))
-        raise
-    # every rank has finished its collectives before any group is torn down
-    dist.barrier()
-    release_process_groups()
-    return result
+    with _preemption_outside_training_exits_75():
+        init_distributed(device_type, **init_kwargs)
+        try:
+            result = main_func(*args)
+        except BaseException as e:
+            # no barrier: the other ranks may never reach it. An error (not a clean exit, nor a preemption,
+            # which every rank takes at the same iteration) ends the peers through the watchdog at once
+            release_process_groups(failed=not (isinstance(e, SystemExit) and e.code in (None, 0, EXIT_PREEMPTED)))
+            raise
+        # every rank has finished its collectives before any group is torn down
+        dist.barrier()
+        release_process_groups()
+        return result
 
 
 def launch(
@@ -206,7 +247,8 @@ def launch(
     if world_size == 1:
         if index is not None:
             set_device(dtype, index)
-        return main_func(*args)
+        with _preemption_outside_training_exits_75():
+            return main_func(*args)
 
     if dist_url is None or dist_url == "auto":
         if num_machines > 1:
@@ -242,13 +284,16 @@ def _describe_exit(code: Optional[int]) -> str:
 
 
 @contextlib.contextmanager
-def _forward_signals(processes, signums):
-    """While active (main thread only), the signals ``signums`` received by this process go to ``processes``."""
+def _forward_signals(processes, signums, forwarded: Optional[list] = None):
+    """While active (main thread only), the signals ``signums`` received by this process go to ``processes``
+    (and are appended to ``forwarded``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def forward(signum, frame):
+        if forwarded is not None:
+            forwarded.append(signum)
         logger.warning(f"Launcher received {signal.Signals(signum).name}: forwarding it to the workers")
         for p in processes:
             if p.is_alive():
@@ -265,22 +310,34 @@ def _forward_signals(processes, signums):
             signal.signal(s, handler)
 
 
-def wait_for_workers(context, first_rank: int = 0, grace_s: float = WORKER_EXIT_GRACE_S) -> None:
+def wait_for_workers(context, first_rank: int = 0, grace_s: float = WORKER_EXIT_GRACE_S,
+                     preempted_grace_s: float = PREEMPTED_EXIT_GRACE_S) -> None:
     """Wait for the spawned workers of ``context`` (``torch.multiprocessing.ProcessContext``).
 
-    Returns when all succeeded. Raises ``SystemExit(EXIT_PREEMPTED)`` when all stopped for preemption, else
-    :class:`WorkerLostError` naming the rank that failed first and how each one ended. After a failure the
-    others get ``grace_s`` seconds to stop, then SIGTERM, then SIGKILL ``grace_s`` later.
+    Returns when all succeeded. Raises ``SystemExit(EXIT_PREEMPTED)`` when all stopped for preemption (exit
+    code 75, or killed by a preemption signal this launcher forwarded), else :class:`WorkerLostError` naming
+    the rank that failed first and how each one ended. After a failure the others get ``grace_s`` seconds to
+    stop (``preempted_grace_s`` when one stopped for preemption), then SIGTERM, then SIGKILL as long later.
     """
-    with _forward_signals(context.processes, PREEMPTION_SIGNALS):
+    forwarded: list = []
+    with _forward_signals(context.processes, PREEMPTION_SIGNALS, forwarded):
         try:
-            while not context.join(grace_period=grace_s):
-                pass
-            return
+            while True:
+                running = [p.sentinel for p in context.processes if p.exitcode is None]
+                if running:
+                    multiprocessing.connection.wait(running)  # until one of them ends
+                stopping = any(p.exitcode == EXIT_PREEMPTED for p in context.processes)
+                if context.join(timeout=0, grace_period=preempted_grace_s if stopping else grace_s):
+                    return
         except ProcessException as e:
             failure = e
     codes = [p.exitcode for p in context.processes]
-    if all(code == EXIT_PREEMPTED for code in codes):
+    preempted = {EXIT_PREEMPTED} | {-signum for signum in forwarded}
+    if all(code in preempted for code in codes):
+        killed = [first_rank + i for i, code in enumerate(codes) if code != EXIT_PREEMPTED]
+        if killed:
+            logger.warning(f"Ranks {killed} ended by the forwarded preemption signal outside training (nothing "
+                           "to save then)")
         logger.warning(f"All {len(codes)} workers stopped for preemption; exiting with code {EXIT_PREEMPTED}")
         raise SystemExit(EXIT_PREEMPTED)
     first = failure.error_index

@@ -134,3 +134,20 @@ def nonfinite_agreement_worker(out_dir):
     except NonFiniteLossError as e:
         result.update(iteration=trainer.iter, error=str(e))
     _dump(out_dir, result)
+
+
+def preempted_after_worker(rank, delays):
+    """``torch.multiprocessing`` worker: exit with 75 (preempted) after ``delays[rank]`` seconds."""
+    import time
+
+    from fsaf_d2.engine.faults import EXIT_PREEMPTED
+
+    time.sleep(delays[rank])
+    raise SystemExit(EXIT_PREEMPTED)
+
+
+def setting_up_worker(rank):
+    """``torch.multiprocessing`` worker that is still setting up (no preemption handler yet) for a minute."""
+    import time
+
+    time.sleep(60)

@@ -209,3 +209,24 @@ def test_peer_watchdog_held_up_itself_does_not_blame_its_peers(monkeypatch):
     assert lost, "a silent peer must still be declared lost"
     # a full timeout of silence after the stall, not at once (the stall alone exceeds the timeout)
     assert lost[0] - store.stall_ended >= 2.0
+
+
+def _signalled_while_setting_up():
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)  # e.g. Slurm's, while the COCO annotations load
+    time.sleep(5)
+    raise AssertionError("the signal did not end the run")
+
+
+def test_a_preemption_signal_before_training_exits_75_in_one_process():
+    """Outside training there is nothing to save, but the exit code must still say "preempted" (75), not
+    SIGTERM's 143, so that the scheduler script requeues the job."""
+    import signal
+
+    from fsaf_d2.engine.faults import EXIT_PREEMPTED
+
+    with pytest.raises(SystemExit) as stopped:
+        launch(_signalled_while_setting_up, 1, device_type="cpu")
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back

@@ -2,13 +2,17 @@
 its peer waiting for the process-group timeout; a loop of 2-process trainings leaks no process and no port."""
 import os
 import signal
+import threading
 import time
 
 import pytest
+import torch.multiprocessing as mp
 
 import engine_testutils as U
+import engine_workers
 import fault_testutils as F
-from fsaf_d2.engine.faults import EXIT_WORKER_LOST
+from fsaf_d2.engine.faults import EXIT_PREEMPTED, EXIT_WORKER_LOST
+from fsaf_d2.engine.launch import wait_for_workers
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +77,31 @@ def test_soak_two_process_trainings_leak_nothing(tmp_path, coco_root):
         assert F.session_processes(job.proc.pid) == [] and F.pids_alive(pids) == [], f"run {i}: processes left"
         assert port not in F.listening_ports(), f"run {i}: rendezvous port {port} still listening"
     print(f"soak: {runs} runs x {iters} iterations, 2 processes, {time.monotonic() - started:.0f} s")
+
+
+def test_preempted_workers_get_time_to_finish_and_the_launcher_exits_75():
+    """All ranks agreed to stop, but one tears down slower than the failure grace: it is not killed (which
+    made the launcher report a lost worker and exit 1), and the launcher exits 75."""
+    context = mp.start_processes(engine_workers.preempted_after_worker, args=({0: 0.0, 1: 4.0},), nprocs=2,
+                                 join=False, start_method="spawn")
+    with pytest.raises(SystemExit) as stopped:
+        wait_for_workers(context, grace_s=0.5, preempted_grace_s=60)
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert [p.exitcode for p in context.processes] == [EXIT_PREEMPTED, EXIT_PREEMPTED]
+
+
+def test_a_preemption_signal_before_training_still_exits_75():
+    """SIGTERM to the launcher while its workers are still setting up: they end by the forwarded signal
+    (there is nothing to save yet) and the job exits 75, so a requeue-on-75 script requeues it."""
+    context = mp.start_processes(engine_workers.setting_up_worker, nprocs=2, join=False, start_method="spawn")
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            wait_for_workers(context, grace_s=5)
+    finally:
+        timer.cancel()
+        for p in context.processes:
+            p.kill()
+    assert stopped.value.code == EXIT_PREEMPTED
+    assert [p.exitcode for p in context.processes] == [-signal.SIGTERM, -signal.SIGTERM]
