@@ -42,7 +42,7 @@ from detectron2.utils import comm
 from ..utils.io import atomic_torch_save, atomic_write_bytes, is_local
 from .faults import CheckpointLoadError, CheckpointMismatchError, CheckpointWriteError, OutputDirError
 
-__all__ = ["AtomicCheckpointer", "ModelRunningScalars", "check_output_dir", "free_space"]
+__all__ = ["AtomicCheckpointer", "ModelRunningScalars", "check_output_dir", "check_same_start_iteration", "free_space"]
 
 logger = logging.getLogger(__name__)
 
@@ -368,3 +368,23 @@ class ModelRunningScalars:
                         buf.copy_(value.to(buf.device, buf.dtype))
             elif name in self.FLOAT_ATTRIBUTES:
                 setattr(module, name, float(value))
+
+
+def check_same_start_iteration(start_iter: int) -> None:
+    """Fail on every rank, naming each rank's iteration, unless all ranks resume from the same iteration.
+
+    Each rank loads the checkpoint itself; one for which the newest ``model_*.pth`` was unreadable (a shared
+    file system still syncing, a transient read error) falls back to an older one. DDP broadcast the weights
+    before the load and never again, so the replicas would silently diverge and then run different numbers of
+    steps into mismatched collectives. One small all-gather after loading; nothing with one process.
+    """
+    if comm.get_world_size() == 1:
+        return
+    iterations = comm.all_gather(int(start_iter))
+    if len(set(iterations)) > 1:
+        per_rank = ", ".join(f"rank {r}: {it}" for r, it in enumerate(iterations))
+        raise CheckpointLoadError(
+            f"The ranks would resume from different iterations ({per_rank}): a checkpoint was readable on "
+            "some ranks only (see the warnings above). Make the newest checkpoint readable on every machine "
+            "(or delete it) and rerun with --resume."
+        )

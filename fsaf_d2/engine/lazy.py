@@ -33,7 +33,7 @@ from detectron2.utils.logger import setup_logger
 from omegaconf import OmegaConf
 
 from ..model_zoo.model_zoo import resolve_config_file
-from .checkpoint import AtomicCheckpointer, ModelRunningScalars
+from .checkpoint import AtomicCheckpointer, ModelRunningScalars, check_same_start_iteration
 from .comm import create_ddp_model, patch_detectron2
 from .config import NPU_DEFAULT_MAX_GT, orientation_buckets, resolve_memory_format
 from .device import (
@@ -264,6 +264,7 @@ def do_train(cfg, resume: bool = False):
     try:
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
         start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+        check_same_start_iteration(start_iter)
         trainer.train(start_iter, cfg.train.max_iter)
     finally:
         preemption.restore()

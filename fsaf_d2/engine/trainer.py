@@ -37,7 +37,7 @@ from detectron2.utils.events import get_event_storage
 from detectron2.utils.logger import setup_logger
 
 from ..data.config_datasets import check_config_datasets
-from .checkpoint import AtomicCheckpointer, ModelRunningScalars, check_output_dir
+from .checkpoint import AtomicCheckpointer, ModelRunningScalars, check_output_dir, check_same_start_iteration
 from .comm import create_ddp_model, patch_detectron2, start_peer_watchdog
 from .compile import check_compile_support, compile_static_training_step
 from .config import build_config, validate_config
@@ -196,6 +196,12 @@ class Trainer(DefaultTrainer):
         self.register_hooks(self.build_hooks())
 
     # ------------------------------------------------------------------------------------------- builders
+
+    def resume_or_load(self, resume=True):
+        """``DefaultTrainer.resume_or_load``, then every rank checks that all resume from the same iteration
+        (:func:`~fsaf_d2.engine.checkpoint.check_same_start_iteration`)."""
+        super().resume_or_load(resume=resume)
+        check_same_start_iteration(self.start_iter)
 
     @classmethod
     def build_checkpointer(cls, cfg, model, **checkpointables):

@@ -151,3 +151,15 @@ def setting_up_worker(rank):
     import time
 
     time.sleep(60)
+
+
+def resume_agreement_worker(out_dir, iterations):
+    """Each rank checks its resume iteration ``iterations[rank]`` against the others'."""
+    from fsaf_d2.engine.checkpoint import check_same_start_iteration
+
+    try:
+        check_same_start_iteration(iterations[comm.get_rank()])
+        result = "agreed"
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        result = f"{type(e).__name__}: {e}"
+    _dump(out_dir, result)

@@ -230,3 +230,18 @@ def test_a_preemption_signal_before_training_exits_75_in_one_process():
         launch(_signalled_while_setting_up, 1, device_type="cpu")
     assert stopped.value.code == EXIT_PREEMPTED
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
+
+
+@pytest.mark.parametrize("iterations", [[6000, 6000], [6000, 4000]])
+def test_ranks_resuming_from_different_checkpoints_all_stop(tmp_path, iterations):
+    """A rank that could not read the newest checkpoint falls back to an older one; the ranks would then train
+    diverging replicas into mismatched collectives. Every rank stops with the same error instead."""
+    launch(engine_workers.resume_agreement_worker, 2, dist_url="auto", args=(str(tmp_path), iterations),
+           device_type="cpu")
+    results = _results(str(tmp_path), 2)
+    if iterations[0] == iterations[1]:
+        assert results == ["agreed", "agreed"]
+    else:
+        assert results[0] == results[1]
+        assert results[0].startswith("CheckpointLoadError: The ranks would resume from different iterations "
+                                     "(rank 0: 6000, rank 1: 4000)")
