@@ -278,8 +278,9 @@ def test_lazy_entry_point_bf16_amp_under_torchrun(quickstart_root, tmp_path):
     out = str(tmp_path / "out")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
     log = run_lazy(quickstart_root, out, "train.max_iter=2", "train.amp.enabled=True",
-                   "train.amp.precision=bfloat16", launcher=torchrun)
+                   "train.amp.precision=bfloat16", "train.peer_timeout_s=45", launcher=torchrun)
     assert "world size 2" in log
+    assert "Peer watchdog: a rank silent for 45 s ends the job (train.peer_timeout_s)" in log
     its, rows = iterations(out)
     assert its == [0, 1] and all(r["total_loss"] > 0 for r in rows if "total_loss" in r)
     assert os.path.isfile(os.path.join(out, "model_final.pth"))

@@ -102,8 +102,10 @@ train.checkpointer.period = 10000
 train.eval_period = 0  # evaluate after training only (TEST.EVAL_PERIOD 0)
 train.device = "cuda"
 train.seed = -1
-# fsaf_d2's keys (docs/lazyconfig.md): AMP precision, global-norm clipping, NPU runtime, throughput window
+# fsaf_d2's keys (docs/lazyconfig.md): AMP precision, global-norm clipping, NPU runtime, throughput window,
+# seconds of silence after which a peer rank counts as lost
 train.amp.precision = "float16"
 train.clip_grad = dict(max_norm=10.0, norm_type=2.0)  # global L2 norm over all parameters, max 10
 train.npu = dict(env=[], jit_compile=False, allow_hf32=True)
 train.throughput_warmup_iters = 5
+train.peer_timeout_s = 60

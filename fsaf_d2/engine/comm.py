@@ -283,8 +283,9 @@ class PeerWatchdog:
         timeout_s: seconds of silence after which a peer is declared lost.
     """
 
-    def __init__(self, store, rank: int, world_size: int, timeout_s: float):
+    def __init__(self, store, rank: int, world_size: int, timeout_s: float, key: str = "DIST.PEER_TIMEOUT_S"):
         self.store = store
+        self.key = key
         self.rank = rank
         self.world_size = world_size
         self.timeout_s = float(timeout_s)
@@ -346,7 +347,7 @@ class PeerWatchdog:
     def _lost(self, why: str) -> None:
         message = (
             f"Worker lost: {why}. Rank {self.rank} stops now with exit code {EXIT_WORKER_LOST} instead of "
-            f"waiting for the process-group timeout (DIST.PEER_TIMEOUT_S {self.timeout_s:g}). Checkpoints are "
+            f"waiting for the process-group timeout ({self.key} {self.timeout_s:g}). Checkpoints are "
             "intact: restart the job with --resume."
         )
         logger.error(message)
@@ -374,14 +375,15 @@ def _own_store_connection(timeout_s: float):
     return store
 
 
-def start_peer_watchdog(timeout_s: float) -> Optional[PeerWatchdog]:
-    """Start the :class:`PeerWatchdog` of this worker (multi-process jobs, ``timeout_s > 0``); idempotent."""
+def start_peer_watchdog(timeout_s: float, key: str = "DIST.PEER_TIMEOUT_S") -> Optional[PeerWatchdog]:
+    """Start the :class:`PeerWatchdog` of this worker (multi-process jobs, ``timeout_s > 0``); idempotent.
+    ``key``: the config key of ``timeout_s``, named in the messages."""
     if timeout_s <= 0 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return None
     if _watchdog["current"] is None:
         store = _own_store_connection(timeout_s)
-        _watchdog["current"] = PeerWatchdog(store, dist.get_rank(), dist.get_world_size(), timeout_s).start()
-        logger.info(f"Peer watchdog: a rank silent for {timeout_s:g} s ends the job (DIST.PEER_TIMEOUT_S)")
+        _watchdog["current"] = PeerWatchdog(store, dist.get_rank(), dist.get_world_size(), timeout_s, key).start()
+        logger.info(f"Peer watchdog: a rank silent for {timeout_s:g} s ends the job ({key})")
     return _watchdog["current"]
 
 

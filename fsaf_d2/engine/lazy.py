@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 
 from ..model_zoo.model_zoo import resolve_config_file
 from .checkpoint import AtomicCheckpointer, ModelRunningScalars, check_same_start_iteration
-from .comm import create_ddp_model, patch_detectron2
+from .comm import create_ddp_model, patch_detectron2, start_peer_watchdog
 from .config import NPU_DEFAULT_MAX_GT, orientation_buckets, resolve_memory_format
 from .device import (
     apply_npu_env_defaults,
@@ -176,6 +176,7 @@ def lazy_setup(args):
     if seed >= 0:
         manual_seed_all(device_spec, seed + comm.get_rank())
     logger.info(f"Device {device} (train.device {device_spec}); world size {comm.get_world_size()}")
+    start_peer_watchdog(float(cfg.train.get("peer_timeout_s", 60)), "train.peer_timeout_s")  # lost rank: exit 76
     return cfg
 
 
