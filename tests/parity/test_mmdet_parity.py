@@ -6,7 +6,8 @@ channels, 10 classes), synthetic batches and everything mmdet computed on them. 
 through ``python tools/convert_mmdet.py`` / :func:`fsaf_d2.weights.mmdet.convert_mmdet_checkpoint`
 into an fsaf_d2 model built from a config, and every stage is compared (fp32):
 
-* FPN features and head outputs (cls logits, regression after ReLU): max abs diff <= 1e-4;
+* FPN features: max diff <= 1e-5 of their largest magnitude; head outputs (cls logits, regression after
+  ReLU): max abs diff <= 1e-4;
 * targets: candidate positives and their object, (prior, class) label weights, box targets;
 * online feature selection: the (level, object) costs (rel. 1e-4), the selected levels (identical);
 * final positives, per-level loss sums (rel. <= 1e-4), the normaliser (exact);
@@ -37,6 +38,7 @@ from tools_testing import tool_command, tool_env  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HEAD_ATOL = 1e-4
+FEATURE_RTOL = 1e-5
 LOSS_RTOL = 1e-4
 COST_RTOL = 1e-4
 SCORE_ATOL = 1e-4
@@ -446,7 +448,8 @@ def test_inputs_match(results, name):
 @pytest.mark.parametrize("name", CASE_NAMES)
 def test_fpn_features_and_head_outputs(results, name):
     r = results[name]
-    assert r["FPN features max abs diff"] <= HEAD_ATOL, r
+    # FPN features reach tens in magnitude: float noise is relative (measured 3.7e-6 with AVX2 kernels)
+    assert r["FPN features max rel diff"] <= FEATURE_RTOL, r
     assert r["cls logits max abs diff"] <= HEAD_ATOL, r
     assert r["reg (after ReLU) max abs diff"] <= HEAD_ATOL, r
 
