@@ -87,8 +87,9 @@ def add_fsaf_config(cfg):
     # memory layout of the model's conv weights and activations: "channels_last" (NHWC), "contiguous"
     # (NCHW) or "auto" = the device's layout, chosen by fsaf_d2.engine.build_config (the config of
     # train_net.py and the tools): channels_last on cuda and on AVX-512 CPUs, contiguous on AVX2-only CPUs
-    # (measured per CPU kind: docs/benchmarks.md#conv-layout-per-cpu-kind), contiguous on npu (torch_npu has no channels_last). The model itself applies only an explicit layout:
-    # Detectron2's build_model(cfg) on a config that did not go through that builder builds "auto" as NCHW.
+    # (measured per CPU kind: docs/benchmarks.md#conv-layout-per-cpu-kind), contiguous on npu (torch_npu has
+    # no channels_last). The model itself applies only an explicit layout: Detectron2's build_model(cfg) on
+    # a config that did not go through that builder builds "auto" as NCHW.
     # Numerics differ only by float rounding.
     _C.MODEL.FSAF.MEMORY_FORMAT = "auto"
     # compute every Conv2d + FrozenBatchNorm2d of the model as one convolution with per-channel scaled

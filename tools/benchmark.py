@@ -99,8 +99,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--memory-format", default="config", choices=["config", "contiguous", "channels_last"],
         help="layout of every model's convs: 'config' = FSAF models as MODEL.FSAF.MEMORY_FORMAT (auto: "
-        "channels_last on cuda and AVX-512 CPUs, contiguous on AVX2-only CPUs and npu), Detectron2's models as Detectron2 ships them (contiguous); the other "
-        "two force one layout on every model",
+        "channels_last on cuda and AVX-512 CPUs, contiguous on AVX2-only CPUs and npu), Detectron2's models "
+        "as Detectron2 ships them (contiguous); the other two force one layout on every model",
     )
     p.add_argument("--channels-last", action="store_true", help="same as --memory-format channels_last")
     p.add_argument("--profile", action="store_true", help="per-phase breakdown of the FSAF training step")

@@ -216,7 +216,9 @@ def do_test(cfg, model):
         evaluator_cfg.output_dir = os.path.join(cfg.train.output_dir, "inference")
     device_type = device_type_of(cfg.train.get("device", "cuda"))
     loader = shield_loader_workers(instantiate(cfg.dataloader.test))  # a preemption is the trainer's to handle
-    results = inference_on_dataset(model, loader, instantiate(evaluator_cfg), callbacks=inference_callbacks(device_type))
+    results = inference_on_dataset(
+        model, loader, instantiate(evaluator_cfg), callbacks=inference_callbacks(device_type)
+    )
     if comm.is_main_process():
         print_csv_format(results)
     return results
