@@ -50,8 +50,15 @@ logger = logging.getLogger(__name__)
 _PERIODIC = re.compile(r"^model_(\d+)\.pth$")
 #: temporary files of fsaf_d2.utils.io.atomic_write (``.<basename>.<random>.tmp``) of checkpoint files
 _STALE_TEMP = re.compile(r"^\.(model_\w+\.pth|last_checkpoint)\..+\.tmp$")
-#: errors of reading a file that is not a complete checkpoint
-_UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, UnicodeDecodeError)
+#: errors of reading a file that is not a complete checkpoint (unpickling garbage can also ask for
+#: an impossible allocation: MemoryError, OverflowError)
+_UNREADABLE = (
+    RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, UnicodeDecodeError,
+    MemoryError, OverflowError,
+)
+#: first bytes of a torch.save file: a zip archive (torch >= 1.6) or a legacy pickle (PROTO opcode)
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_PROTOCOLS = (2, 3, 4, 5)
 #: Detectron2's own exceptions to exact loading (see DetectionCheckpointer._load_model)
 _IGNORED_MISSING = ("pixel_mean", "pixel_std")
 _IGNORED_UNEXPECTED = "anchor_generator.cell_anchors"
@@ -312,6 +319,15 @@ class AtomicCheckpointer(DetectionCheckpointer):
     def _torch_load(self, f: str):
         # Checkpoints written by this project (and Detectron2 model-zoo files) are trusted inputs;
         # ``f`` is already a local path (DetectionCheckpointer.load resolves URLs first).
+        # A file that is neither format is refused before it is unpickled: unpickling garbage fails
+        # in ways that depend on the bytes (even a MemoryError), not with one clear error.
+        with open(f, "rb") as fh:
+            head = fh.read(4)
+        is_legacy = len(head) >= 2 and head[0] == pickle.PROTO[0] and head[1] in _LEGACY_PROTOCOLS
+        if head != _ZIP_MAGIC and not is_legacy:
+            raise pickle.UnpicklingError(
+                f"not a torch.save file (first bytes {head!r}: neither a zip archive nor a pickle)"
+            )
         try:
             return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
         except TypeError:  # pragma: no cover - torch < 1.13 has no weights_only

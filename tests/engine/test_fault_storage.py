@@ -6,7 +6,9 @@ CAP_SYS_ADMIN; skipped otherwise); the file-size limit (RLIMIT_FSIZE: the kernel
 EFBIG) needs no privilege. Read-only output is a read-only tmpfs mount as root, ``chmod 555`` otherwise.
 """
 import contextlib
+import logging
 import os
+import random
 import resource
 import subprocess
 
@@ -116,17 +118,36 @@ def _truncate(path):
 
 
 def test_corrupt_last_checkpoint_resumes_from_the_previous_readable_one(tmp_path, tiny_dataset, caplog):
+    caplog.set_level(logging.INFO, logger="fsaf_d2")  # also when no earlier test configured logging
     out = str(tmp_path / "out")
     U.make_trainer(_cfg(out, tiny_dataset, SOLVER__CHECKPOINT_PERIOD=1, SOLVER__MAX_ITER=3)).train()
     assert F.last_checkpoint(out) == "model_final.pth"
     _truncate(os.path.join(out, "model_final.pth"))
     with open(os.path.join(out, "model_0000002.pth"), "wb") as f:
-        f.write(os.urandom(4096))  # garbage: skipped as well
+        f.write(random.Random(0).randbytes(4096))  # garbage: skipped as well
     resumed = U.make_trainer(_cfg(out, tiny_dataset, SOLVER__CHECKPOINT_PERIOD=1, SOLVER__MAX_ITER=4), resume=True)
     assert resumed.start_iter == 2  # model_0000001.pth: iteration 1
     text = caplog.text
     assert f"Cannot read checkpoint {out}/model_final.pth" in text and f"Skipping {out}/model_0000002.pth" in text
     assert f"Resumed from the previous readable checkpoint {out}/model_0000001.pth instead" in text
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # PROTO 2, then BINBYTES8 of 2**62 bytes: unpickling it raises MemoryError (CI saw it from random bytes)
+        b"\x80\x02\x8e" + (2**62).to_bytes(8, "little"),
+        # no header (a protocol-0 pickle naming a module): refused before unpickling, not a ModuleNotFoundError
+        b"cno_such_module\nthing\n.",
+    ],
+    ids=["huge-length", "no-magic"],
+)
+def test_a_file_that_fails_to_unpickle_in_any_way_is_a_load_error(tmp_path, head):
+    path = tmp_path / "model_0000001.pth"
+    path.write_bytes(head + random.Random(1).randbytes(256))
+    checkpointer = AtomicCheckpointer(torch.nn.Linear(1, 1), save_dir=str(tmp_path))
+    with pytest.raises(CheckpointLoadError, match=f"Cannot read checkpoint {path} .*truncated or corrupt"):
+        checkpointer.load(str(path))
 
 
 def test_no_readable_checkpoint_left_is_an_error_naming_the_file(tmp_path, tiny_dataset):
