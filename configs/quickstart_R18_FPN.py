@@ -1,6 +1,6 @@
 # LazyConfig of configs/quickstart_R18_FPN.yaml: FSAF trained from scratch on the generated quickstart shapes
 # dataset (python -m fsaf_d2.data.quickstart), on the CPU: half-width ResNet-18 with trainable BN, images at
-# their native 128 px, AdamW (docs/quickstart.md#how-the-recipe-was-chosen).
+# their native 128 px (evaluated at 144 px), AdamW (docs/quickstart.md#how-the-recipe-was-chosen).
 #   python tools/lazyconfig_train_net.py --config-file configs/quickstart_R18_FPN.py
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
@@ -38,7 +38,10 @@ dataloader.train.dataset.names = "fsaf_quickstart_train"
 dataloader.train.mapper.augmentations = [L(T.RandomFlip)(horizontal=True)]  # native size, no resize
 dataloader.train.num_workers = 0  # 2 cores: mapping in the training process
 dataloader.test.dataset.names = "fsaf_quickstart_val"
-dataloader.test.mapper.augmentations = []
+# evaluated enlarged 128 -> 144 px (INPUT.MIN_SIZE_TEST 144 of the YAML)
+dataloader.test.mapper.augmentations = [
+    L(T.ResizeShortestEdge)(short_edge_length=144, max_size=1333, sample_style="choice")
+]
 dataloader.test.num_workers = 0
 
 # ---------------------------------------------------------------------------------------------- solver
