@@ -150,6 +150,13 @@ def apply_static_shape_defaults(cfg):
         return False
     changed = False
     if not cfg.INPUT.FIXED_SIZES:
+        if min(cfg.INPUT.MIN_SIZE_TRAIN) == 0 or cfg.INPUT.MIN_SIZE_TEST == 0:
+            raise ValueError(
+                "MODEL.DEVICE is npu, which needs static input sizes, and INPUT.FIXED_SIZES is empty, but "
+                f"INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)} / MIN_SIZE_TEST {cfg.INPUT.MIN_SIZE_TEST} "
+                "keep some images at their native size (0), so no size bound can be derived: set "
+                "INPUT.FIXED_SIZES [[H, W], ...] (multiples of 32 that hold every input image)"
+            )
         short = max(max(cfg.INPUT.MIN_SIZE_TRAIN), cfg.INPUT.MIN_SIZE_TEST)
         long = max(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TEST)
         cfg.INPUT.FIXED_SIZES = orientation_buckets(short, long)

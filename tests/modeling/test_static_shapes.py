@@ -89,6 +89,17 @@ def test_npu_gets_static_defaults_other_devices_do_not():
     assert not apply_static_shape_defaults(cfg) and cfg.MODEL.FSAF.MAX_GT == 32  # explicit choices win
 
 
+def test_npu_without_a_size_bound_names_fixed_sizes():
+    """The quickstart trains at the images' native size (MIN_SIZE_TRAIN 0): no bucket can be derived."""
+    from fsaf_d2.engine.config import build_config
+
+    quickstart_on_npu = ["MODEL.DEVICE", "npu"]
+    with pytest.raises(ValueError, match=r"MIN_SIZE_TRAIN \(0,\).*native size.*set INPUT.FIXED_SIZES"):
+        build_config("configs/quickstart_R18_FPN.yaml", quickstart_on_npu)
+    cfg = build_config("configs/quickstart_R18_FPN.yaml", quickstart_on_npu + ["INPUT.FIXED_SIZES", "[[128, 128]]"])
+    assert cfg.INPUT.FIXED_SIZES == [[128, 128]] and cfg.MODEL.FSAF.MAX_GT == NPU_DEFAULT_MAX_GT
+
+
 def test_compiled_static_loss_has_no_graph_break():
     """torch.compile traces the whole static-shape loss (assignment, selection, losses) as one graph."""
     _, static = pair()
