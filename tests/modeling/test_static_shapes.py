@@ -5,7 +5,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 import fsaf_d2
-from fsaf_d2.engine.config import NPU_DEFAULT_MAX_GT, apply_static_shape_defaults
+from fsaf_d2.engine.config import NPU_DEFAULT_MAX_GT, apply_static_shape_defaults, build_config
 from fsaf_d2.modeling.losses import fsaf_losses
 from fsaf_testing import make_input, tiny_cfg
 
@@ -91,8 +91,6 @@ def test_npu_gets_static_defaults_other_devices_do_not():
 
 def test_npu_without_a_size_bound_names_fixed_sizes():
     """The quickstart trains at the images' native size (MIN_SIZE_TRAIN 0): no bucket can be derived."""
-    from fsaf_d2.engine.config import build_config
-
     quickstart_on_npu = ["MODEL.DEVICE", "npu"]
     with pytest.raises(ValueError, match=r"MIN_SIZE_TRAIN \(0,\).*native size.*set INPUT.FIXED_SIZES"):
         build_config("configs/quickstart_R18_FPN.yaml", quickstart_on_npu)
