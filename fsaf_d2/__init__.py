@@ -4,10 +4,12 @@ Importing this package registers, in Detectron2's registries:
   * ``META_ARCH_REGISTRY["FSAF"]``            the detector (:class:`fsaf_d2.modeling.FSAF`)
   * ``BACKBONE_REGISTRY["build_fsaf_resnet_fpn_backbone"]``  ResNet+FPN with P6 from C5, P7 from P6
   * a ``torchvision://NAME`` path handler, so ``MODEL.WEIGHTS torchvision://resnet50`` loads
-   torchvision's ImageNet weights converted to Detectron2 names
- * the bundled quickstart datasets ``fsaf_quickstart_train`` / ``fsaf_quickstart_val``
+    torchvision's ImageNet weights converted to Detectron2 names
+  * the bundled quickstart datasets ``fsaf_quickstart_train`` / ``fsaf_quickstart_val``
 """
 __version__ = "0.1.0"
+
+import warnings
 
 try:
     import detectron2  # noqa: F401
@@ -19,6 +21,14 @@ except ImportError as e:  # pragma: no cover - exercised by hand on machines wit
         "from its git repository: `pip install --no-build-isolation "
         "'git+https://github.com/facebookresearch/detectron2.git'`."
     ) from e
+
+with warnings.catch_warnings():
+    # fvcore's losses and Detectron2's box regression are compiled with torch.jit.script when they are
+    # imported, which torch 2.14 calls deprecated: six lines about other packages at the start of every
+    # program. Only these imports are silenced; torch.jit.script in the user's own code still warns.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+    import fvcore.nn  # noqa: E402,F401
+    import detectron2.modeling  # noqa: E402,F401
 
 from .config import add_fsaf_config  # noqa: E402
 from . import modeling  # noqa: E402,F401  (registers FSAF and its backbone)

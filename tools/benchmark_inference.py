@@ -28,9 +28,9 @@ import time
 from typing import Dict, List
 
 import torch
+import fsaf_d2  # noqa: F401  (first: registers FSAF, and Detectron2's import-time warnings stay quiet)
 from detectron2.structures import ImageList
 
-import fsaf_d2  # noqa: F401  (registers FSAF)
 from fsaf_d2.benchmarking import machine_description, make_infer_call, synthetic_batch, time_alternating
 from fsaf_d2.model_zoo import get_config_file
 

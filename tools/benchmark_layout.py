@@ -18,11 +18,11 @@ import sys
 import time
 
 import torch
+import fsaf_d2  # noqa: F401  (first: registers FSAF, and Detectron2's import-time warnings stay quiet)
 from detectron2.modeling import build_model
 from detectron2.solver import build_optimizer
 from detectron2.utils.events import EventStorage
 
-import fsaf_d2  # noqa: F401  (registers FSAF)
 from fsaf_d2.benchmarking import machine_description, training_input
 from fsaf_d2.engine import build_config
 from fsaf_d2.model_zoo import get_config_file

@@ -10,9 +10,9 @@ static path also (c) ``FSAF.static_training_losses``, the unit that ``SOLVER.COM
 The model is the config's FSAF on a ResNet-18 with BN, 3 classes, on the CPU.
 """
 import argparse
-import os
 
 import torch
+import fsaf_d2  # noqa: F401  (first: registers FSAF, and Detectron2's import-time warnings stay quiet)
 from detectron2.modeling import build_model
 
 from fsaf_d2.benchmarking import TINY_MODEL_OPTS, training_input

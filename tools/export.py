@@ -24,6 +24,7 @@ import sys
 from typing import Dict, Optional, Sequence
 
 import torch
+import fsaf_d2  # noqa: F401  (first: registers FSAF, and Detectron2's import-time warnings stay quiet)
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances
 from torch import Tensor

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 
+import fsaf_d2  # noqa: F401  (first: registers FSAF, and Detectron2's import-time warnings stay quiet)
 from detectron2.engine import default_argument_parser
 
 def build_parser() -> argparse.ArgumentParser:
