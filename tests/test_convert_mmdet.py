@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -256,37 +257,43 @@ def _run_cli(*args):
 
 
 def test_cli(tmp_path):
+    """The converter's command line on a good checkpoint and on four bad inputs. The five conversions run
+    concurrently: each spends most of its time importing torch on one core."""
     src = mmdet_state_dict(50)
     inp, outp = tmp_path / "fsaf_r50_mmdet.pth", tmp_path / "fsaf_r50_converted.pth"
     torch.save({"meta": {"mmdet_version": "2.28.2", "CLASSES": ("a",) * NUM_CLASSES}, "state_dict": src}, inp)
-    proc = _run_cli(str(inp), str(outp))
-    assert proc.returncode == 0, proc.stderr
-    assert "ResNet-50" in proc.stdout and "FPN top block (P6, P7)" in proc.stdout, proc.stdout
-    assert "MODEL.RESNETS.DEPTH: 50" in proc.stdout
+    good = inp.read_bytes()
+    # an unmapped key; a missing file, a truncated file, a web page saved under the name
+    unmapped = dict(src)
+    unmapped["neck.fpn_convs.0.bn.weight"] = torch.zeros(FPN_CHANNELS)
+    unmapped["backbone.layer1.0.conv2.conv_offset.weight"] = torch.zeros(18, 64, 3, 3)
+    torch.save({"state_dict": unmapped}, tmp_path / "unmapped.pth")
+    (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 2])
+    (tmp_path / "page.pth").write_text("<html><body>proxy login</body></html>")
+    unreadable = "not a readable PyTorch checkpoint"
+    bad_inputs = {"unmapped.pth": None, "missing.pth": "no such file", "truncated.pth": unreadable,
+                  "page.pth": unreadable}
+    runs = [(inp, outp)] + [(tmp_path / name, tmp_path / f"out_{name}") for name in bad_inputs]
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        good_proc, *bad_procs = pool.map(lambda io: _run_cli(str(io[0]), str(io[1])), runs)
+
+    assert good_proc.returncode == 0, good_proc.stderr
+    assert "ResNet-50" in good_proc.stdout and "FPN top block (P6, P7)" in good_proc.stdout, good_proc.stdout
+    assert "MODEL.RESNETS.DEPTH: 50" in good_proc.stdout
     out = torch.load(outp, map_location="cpu", weights_only=True)
     assert set(out) == {"model", "__author__", "matching_heuristics"}
     assert out["__author__"] == "mmdet" and out["matching_heuristics"] is False
     assert torch.equal(out["model"]["backbone.top_block.p6.weight"], src["neck.fpn_convs.3.conv.weight"])
 
-    # an unmapped key: non-zero exit, the message names the keys, no output written
-    src["neck.fpn_convs.0.bn.weight"] = torch.zeros(FPN_CHANNELS)
-    src["backbone.layer1.0.conv2.conv_offset.weight"] = torch.zeros(18, 64, 3, 3)
-    torch.save({"state_dict": src}, inp)
-    bad_out = tmp_path / "bad.pth"
-    proc = _run_cli(str(inp), str(bad_out))
-    assert proc.returncode != 0
-    assert "neck.fpn_convs.0.bn.weight" in proc.stderr and "backbone.layer1.0.conv2.conv_offset.weight" in proc.stderr
-    assert not bad_out.exists()
-
-    # a missing file, a truncated file, a web page saved under the name: one line naming the file, no traceback
-    good = inp.read_bytes()
-    (tmp_path / "truncated.pth").write_bytes(good[: len(good) // 2])
-    (tmp_path / "page.pth").write_text("<html><body>proxy login</body></html>")
-    for name, says in [("missing.pth", "no such file"), ("truncated.pth", "not a readable PyTorch checkpoint"),
-                       ("page.pth", "not a readable PyTorch checkpoint")]:
-        proc = _run_cli(str(tmp_path / name), str(bad_out))
-        assert proc.returncode == 1 and f"{tmp_path / name}" in proc.stderr and says in proc.stderr, proc.stderr
-        assert "Traceback" not in proc.stderr and not bad_out.exists()
+    for (path, bad_out), proc, says in zip(runs[1:], bad_procs, bad_inputs.values()):
+        assert not bad_out.exists(), path  # no output written
+        if says is None:  # an unmapped key: non-zero exit, the message names the keys
+            assert proc.returncode != 0
+            assert "neck.fpn_convs.0.bn.weight" in proc.stderr
+            assert "backbone.layer1.0.conv2.conv_offset.weight" in proc.stderr
+        else:  # one line naming the file, no traceback
+            assert proc.returncode == 1 and f"{path}" in proc.stderr and says in proc.stderr, proc.stderr
+            assert "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------- torchvision

@@ -90,20 +90,30 @@ def test_train_net_trains_with_the_compiled_step(tmp_path):
     """``train_net.py ... SOLVER.COMPILE.ENABLED True`` in a fresh process logs the compilation and reaches the
     eager run's losses."""
     coco = U.write_builtin_coco_layout(str(tmp_path / "datasets"), num_train=4, num_val=2)
+    # this process's thread count: Inductor's C++ kernels are built for a thread count, which is part of the
+    # cache key, so the child then reuses the kernels compiled by the tests above
+    env = U.subprocess_env(DETECTRON2_DATASETS=coco, OMP_NUM_THREADS=torch.get_num_threads())
+    procs = {}
+    for name, opts in (("eager", STATIC), ("compiled", COMPILED)):  # both at once: Dynamo traces on one core
+        yaml = U.opts_to_yaml(U.tiny_opts(str(tmp_path / name), "coco_2017_train", "", 80, **opts),
+                              str(tmp_path / f"{name}.yaml"))
+        procs[name] = subprocess.Popen([sys.executable, U.TRAIN_NET, "--config-file", yaml], cwd=str(tmp_path),
+                                       text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     losses = {}
-    for name, opts in (("eager", STATIC), ("compiled", COMPILED)):
-        out = str(tmp_path / name)
-        yaml = U.opts_to_yaml(U.tiny_opts(out, "coco_2017_train", "", 80, **opts), str(tmp_path / f"{name}.yaml"))
-        # this process's thread count: Inductor's C++ kernels are built for a thread count, which is part of
-        # the cache key, so the child then reuses the kernels compiled by the tests above
-        env = U.subprocess_env(DETECTRON2_DATASETS=coco, OMP_NUM_THREADS=torch.get_num_threads())
-        proc = subprocess.run([sys.executable, U.TRAIN_NET, "--config-file", yaml], cwd=str(tmp_path), text=True,
-                              env=env, capture_output=True, timeout=900)
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-        log = open(os.path.join(out, "log.txt")).read()
-        assert ("SOLVER.COMPILE: static training step compiled" in log) == (name == "compiled")
-        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-        losses[name] = [m for m in metrics if "total_loss" in m][-1]
+    try:
+        for name, proc in procs.items():
+            output, _ = proc.communicate(timeout=900)
+            assert proc.returncode == 0, output[-6000:]
+            out = str(tmp_path / name)
+            log = open(os.path.join(out, "log.txt")).read()
+            assert ("SOLVER.COMPILE: static training step compiled" in log) == (name == "compiled")
+            metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+            losses[name] = [m for m in metrics if "total_loss" in m][-1]
+    finally:  # a failed or timed-out run leaves no process behind
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     for k in ("loss_fsaf_cls", "loss_fsaf_reg", "total_loss"):
         assert losses["compiled"][k] == pytest.approx(losses["eager"][k], rel=1e-4), k
 
