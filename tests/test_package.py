@@ -109,12 +109,14 @@ _USER_SCRIPT = (
 
 
 def test_every_tool_answers_help_from_another_directory_without_warnings(tmp_path):
-    """``python tools/<name>.py --help`` (and ``train_net.py --help``) needs no particular working directory
-    (configs are found next to tools/) and prints no warning: the deprecation warnings that fvcore's and
-    Detectron2's import-time ``torch.jit.script`` calls raise are kept quiet by ``import fsaf_d2``, and only
-    they are. The programs run concurrently: each spends its few seconds importing torch on one core."""
+    """``python tools/<name>.py --help`` (and ``train_net.py``, ``python -m fsaf_d2.data.quickstart``) needs no
+    particular working directory (configs are found next to tools/) and prints no warning: neither runpy's
+    (the quickstart module is not imported by the package) nor the deprecation warnings that fvcore's and
+    Detectron2's import-time ``torch.jit.script`` calls raise, which ``import fsaf_d2`` keeps quiet, and only
+    those. The programs run concurrently: each spends its few seconds importing torch on one core."""
     commands = {name: tool_command(name, "--help") for name in TOOLS}
     commands["train_net"] = [sys.executable, os.path.join(REPO, "train_net.py"), "--help"]
+    commands["quickstart data"] = [sys.executable, "-m", "fsaf_d2.data.quickstart", "--help"]  # no runpy warning
     (tmp_path / "user_code.py").write_text(_USER_SCRIPT)  # a file: torch.jit.script reads the function's source
     commands["user code"] = [sys.executable, str(tmp_path / "user_code.py")]
 

@@ -26,7 +26,7 @@ from .datasets import (  # noqa: F401
     registered_quickstart_root,
 )
 from .mapper import FSAFDatasetMapper  # noqa: F401
-from .quickstart import (  # noqa: F401
+from .shapes import (  # noqa: F401
     QUICKSTART_CLASSES,
     dataset_statistics,
     default_quickstart_root,

@@ -101,7 +101,7 @@ def _coco_layout_hint(name: str) -> str:
 def _missing_file_hint(name: str) -> str:
     if name.startswith("fsaf_quickstart"):
         from .datasets import registered_quickstart_root
-        from .quickstart import generate_command
+        from .shapes import generate_command
 
         root = registered_quickstart_root() or "datasets/fsaf_quickstart"
         return f"Generate the quickstart dataset with:\n    {generate_command(root)}"

@@ -3,7 +3,7 @@
 Both are registered with Detectron2's standard :func:`register_coco_instances` when :mod:`fsaf_d2.data` is
 imported. Registration is lazy, like Detectron2's builtin datasets: nothing is read until the dataset is
 loaded, and the files need not exist. The root directory is, unless given, the one
-:func:`~fsaf_d2.data.quickstart.default_quickstart_root` selects from the environment.
+:func:`~fsaf_d2.data.shapes.default_quickstart_root` selects from the environment.
 
 Loading a quickstart dataset whose files are missing raises ``FileNotFoundError`` with the command that
 generates them; :func:`ensure_quickstart` generates them when missing.
@@ -16,7 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.utils import comm
 
-from .quickstart import (
+from .shapes import (
     DEFAULT_NUM_TRAIN,
     DEFAULT_NUM_VAL,
     DEFAULT_SEED,

@@ -13,6 +13,7 @@ from PIL import Image
 import fsaf_d2.data as fdata
 from fsaf_d2.data import datasets as qs_datasets
 from fsaf_d2.data import quickstart as qs
+from fsaf_d2.data import shapes
 
 
 def _all_files(root):
@@ -94,7 +95,7 @@ def test_boxes_of_an_image_overlap_at_most_the_cap(medium_coco):
         xywh = np.array([a["bbox"] for a in coco["annotations"] if a["image_id"] == img["id"]])
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
         if len(boxes) > 1:
-            largest = max(largest, np.triu(qs._pairwise_iou(boxes), k=1).max())
+            largest = max(largest, np.triu(shapes._pairwise_iou(boxes), k=1).max())
     assert 0.1 < largest <= 0.3 + 0.01  # json boxes are rounded to 0.01 px
 
 
