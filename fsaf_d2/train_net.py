@@ -12,7 +12,6 @@ From a clone, ``python train_net.py ...``; from an installed package (``pip inst
 ``configs/fsaf_R50_FPN_1x.yaml``: :func:`fsaf_d2.model_zoo.resolve_config_file`). ``--num-gpus`` is the number
 of worker processes per machine (one per device; CPU processes on cpu).
 """
-import os
 import sys
 
 from detectron2.engine import default_argument_parser

@@ -4,7 +4,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import configurable
-from detectron2.layers import ShapeSpec, move_device_like
+from detectron2.layers import move_device_like
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector
 from detectron2.structures import Boxes, ImageList, Instances

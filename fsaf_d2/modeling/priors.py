@@ -5,7 +5,7 @@ as in the reference (the top-left corner of the cell). Grids are cached per feat
 static-shape run builds them once.
 """
 from collections import OrderedDict
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor
