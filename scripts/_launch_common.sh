@@ -46,7 +46,7 @@ run_train_net() {
 print_summary() {
   local output_dir="$1" only="${2:-all}" text
   shift $(($# < 2 ? $# : 2))
-  text="$("$PYTHON" -W ignore -m fsaf_d2.engine.summary "$output_dir" "$@")" || return
+  text="$("$PYTHON" -m fsaf_d2.engine.summary "$output_dir" "$@")" || return
   case "$only" in
     fps) head -n 1 <<<"$text" ;;
     ap) tail -n 1 <<<"$text" ;;

@@ -18,8 +18,8 @@ DATA="$("$PY" -c 'import fsaf_d2.data.datasets as d; print(d.registered_quicksta
 "$PY" tools/demo.py --config-file "$CONFIG" --input "$DATA"/val/00000{1,2,3,4}.jpg --output "$OUT/demo" \
   --confidence-threshold 0.4 MODEL.WEIGHTS "$OUT/model_final.pth" "$@"
 echo "[quickstart] ------------------------------------------------------------ summary"
-"$PY" -W ignore -m fsaf_d2.engine.summary "$OUT"
-"$PY" -W ignore -c 'from fsaf_d2.benchmarking import machine_description as m
+"$PY" -m fsaf_d2.engine.summary "$OUT"
+"$PY" -c 'from fsaf_d2.benchmarking import machine_description as m
 print("[quickstart] CPU: %(cpu)s, %(cpu_count)s cores, torch CPU capability %(cpu_capability)s" % m())'
-echo "[quickstart] detections drawn in $OUT/demo/ ($(ls "$OUT/demo" | tr '\n' ' '))"
+echo "[quickstart] detections drawn in $OUT/demo/ ($(ls "$OUT/demo" | paste -sd ' '))"
 echo "[quickstart] full AP table above; training log in $OUT/log.txt; whole job $((SECONDS / 60)) min $((SECONDS % 60)) s"
