@@ -24,7 +24,7 @@ except ImportError as e:  # pragma: no cover - exercised by hand on machines wit
 
 with warnings.catch_warnings():
     # fvcore's losses and Detectron2's box regression are compiled with torch.jit.script when they are
-    # imported, which torch 2.14 calls deprecated: six lines about other packages at the start of every
+    # imported, which torch 2.14 calls deprecated: two warnings about other packages at the start of every
     # program. Only these imports are silenced; torch.jit.script in the user's own code still warns.
     warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
     import fvcore.nn  # noqa: E402,F401
