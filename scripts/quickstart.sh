@@ -21,5 +21,5 @@ echo "[quickstart] ------------------------------------------------------------ 
 "$PY" -m fsaf_d2.engine.summary "$OUT"
 "$PY" -c 'from fsaf_d2.benchmarking import machine_description as m
 print("[quickstart] CPU: %(cpu)s, %(cpu_count)s cores, torch CPU capability %(cpu_capability)s" % m())'
-echo "[quickstart] detections drawn in $OUT/demo/ ($(ls "$OUT/demo" | paste -sd ' '))"
+echo "[quickstart] detections drawn in $OUT/demo/ ($(ls "$OUT/demo" | paste -sd ' ' -))"
 echo "[quickstart] full AP table above; training log in $OUT/log.txt; whole job $((SECONDS / 60)) min $((SECONDS % 60)) s"

@@ -7,16 +7,14 @@ unexpected or mis-shaped key.
 """
 import math
 import os
-import subprocess
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from fsaf_d2.weights.mmdet import ConversionError, convert_mmdet_checkpoint, convert_mmdet_state_dict
 from fsaf_d2.weights.torchvision import convert_torchvision_resnet, rename_torchvision_resnet_keys
-from tools_testing import tool_command, tool_env
+from tools_testing import run_side_by_side, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FPN_CHANNELS = 32  # small, to keep the synthetic models light (shapes follow the config)
@@ -249,13 +247,6 @@ def test_a_detectron2_checkpoint_is_named_as_such(extra):
         convert_mmdet_checkpoint({"model": {"head.cls_score.bias": torch.zeros(3)}, **extra})
 
 
-def _run_cli(*args):
-    return subprocess.run(
-        tool_command("convert_mmdet", *args),
-        cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300,
-    )
-
-
 def test_cli(tmp_path):
     """The converter's command line on a good checkpoint and on four bad inputs. The five conversions run
     concurrently: each spends most of its time importing torch on one core."""
@@ -274,8 +265,8 @@ def test_cli(tmp_path):
     bad_inputs = {"unmapped.pth": None, "missing.pth": "no such file", "truncated.pth": unreadable,
                   "page.pth": unreadable}
     runs = [(inp, outp)] + [(tmp_path / name, tmp_path / f"out_{name}") for name in bad_inputs]
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        good_proc, *bad_procs = pool.map(lambda io: _run_cli(str(io[0]), str(io[1])), runs)
+    good_proc, *bad_procs = run_side_by_side([tool_command("convert_mmdet", src_path, out_path)
+                                              for src_path, out_path in runs], cwd=REPO)
 
     assert good_proc.returncode == 0, good_proc.stderr
     assert "ResNet-50" in good_proc.stdout and "FPN top block (P6, P7)" in good_proc.stdout, good_proc.stdout

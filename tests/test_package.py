@@ -3,7 +3,6 @@ import glob
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from detectron2.config import get_cfg
@@ -11,7 +10,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY
 
 import fsaf_d2
 from fsaf_d2.engine import build_config
-from tools_testing import tool_command, tool_env
+from tools_testing import run_side_by_side, tool_command
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -120,11 +119,7 @@ def test_every_tool_answers_help_from_another_directory_without_warnings(tmp_pat
     (tmp_path / "user_code.py").write_text(_USER_SCRIPT)  # a file: torch.jit.script reads the function's source
     commands["user code"] = [sys.executable, str(tmp_path / "user_code.py")]
 
-    def run(command):
-        return subprocess.run(command, cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=300)
-
-    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-        procs = dict(zip(commands, pool.map(run, commands.values())))
+    procs = dict(zip(commands, run_side_by_side(commands.values(), cwd=tmp_path)))
     user = procs.pop("user code")
     failed = {name: p.stderr[-2000:] for name, p in procs.items()
               if p.returncode != 0 or not p.stdout.startswith("usage: ")}

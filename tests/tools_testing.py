@@ -1,7 +1,9 @@
 """The programs of tools/ in tests: their command line, its environment, and the modules in this process."""
 import importlib.util
 import os
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +22,17 @@ def tool_env(**extra) -> dict:
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
+
+
+def run_side_by_side(commands, cwd, env=None, timeout=300) -> list:
+    """``subprocess.run`` of every command at once, output captured as text; the results in order. A program
+    that spends its seconds importing torch uses one core, so two of them share a 2-core machine's time."""
+    def run(command):
+        return subprocess.run(command, cwd=cwd, env=env or tool_env(), capture_output=True, text=True,
+                              timeout=timeout)
+
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return list(pool.map(run, commands))
 
 
 def load_tool(name: str):

@@ -9,7 +9,6 @@ counts is Dynamo's tracing, not the kernels.
 import copy
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ from torch._dynamo.utils import counters
 import engine_testutils as U
 from fsaf_d2.benchmarking import training_input
 from fsaf_d2.engine.compile import check_compile_support, compile_static_training_step
+from tools_testing import run_side_by_side
 
 pytestmark = pytest.mark.skipif(U.META_ARCH != "FSAF", reason="SOLVER.COMPILE compiles FSAF's training step")
 
@@ -93,27 +93,21 @@ def test_train_net_trains_with_the_compiled_step(tmp_path):
     # this process's thread count: Inductor's C++ kernels are built for a thread count, which is part of the
     # cache key, so the child then reuses the kernels compiled by the tests above
     env = U.subprocess_env(DETECTRON2_DATASETS=coco, OMP_NUM_THREADS=torch.get_num_threads())
-    procs = {}
-    for name, opts in (("eager", STATIC), ("compiled", COMPILED)):  # both at once: Dynamo traces on one core
+    commands = {}
+    for name, opts in (("eager", STATIC), ("compiled", COMPILED)):
         yaml = U.opts_to_yaml(U.tiny_opts(str(tmp_path / name), "coco_2017_train", "", 80, **opts),
                               str(tmp_path / f"{name}.yaml"))
-        procs[name] = subprocess.Popen([sys.executable, U.TRAIN_NET, "--config-file", yaml], cwd=str(tmp_path),
-                                       text=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        commands[name] = [sys.executable, U.TRAIN_NET, "--config-file", yaml]
+    # both at once: Dynamo traces on one core
+    procs = dict(zip(commands, run_side_by_side(commands.values(), cwd=str(tmp_path), env=env, timeout=900)))
     losses = {}
-    try:
-        for name, proc in procs.items():
-            output, _ = proc.communicate(timeout=900)
-            assert proc.returncode == 0, output[-6000:]
-            out = str(tmp_path / name)
-            log = open(os.path.join(out, "log.txt")).read()
-            assert ("SOLVER.COMPILE: static training step compiled" in log) == (name == "compiled")
-            metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
-            losses[name] = [m for m in metrics if "total_loss" in m][-1]
-    finally:  # a failed or timed-out run leaves no process behind
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    for name, proc in procs.items():
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        out = str(tmp_path / name)
+        log = open(os.path.join(out, "log.txt")).read()
+        assert ("SOLVER.COMPILE: static training step compiled" in log) == (name == "compiled")
+        metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.json"))]
+        losses[name] = [m for m in metrics if "total_loss" in m][-1]
     for k in ("loss_fsaf_cls", "loss_fsaf_reg", "total_loss"):
         assert losses["compiled"][k] == pytest.approx(losses["eager"][k], rel=1e-4), k
 
